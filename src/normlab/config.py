@@ -1,0 +1,168 @@
+"""The run config: everything that defines one training job, its id and its learning rate.
+
+A run is fully described by a RunConfig (what is trained). How it is executed (device,
+threads, speed options, where the data lives) is in RuntimeOptions and never changes a
+run's identity or its results beyond floating-point noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from .data import DATA_CHOICES
+from .errors import NormlabError
+from .models import parse_model
+from .norms import canonical_norm, parse_norm
+
+SCHEDULES = ("step", "multistep", "cosine")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "resnet20"
+    norm: str = "bn"
+    batch_size: int = 32          # images normalized together on one (virtual) device
+    virtual_gpus: int = 1         # devices simulated in one step: K*N images per step
+    epochs: int = 100
+    base_lr: float = 0.1          # lr = base_lr * batch_size / base_batch
+    base_batch: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    wd_on_norm: bool = True       # decay gamma, beta and biases too (as the GN paper does)
+    schedule: str = "step"        # step | multistep | cosine
+    step_size: int = 30           # step: lr / 10 every step_size epochs
+    milestones: tuple[int, ...] = ()  # multistep: lr / 10 at these epochs
+    warmup_epochs: float = 0.0    # linear warm-up from warmup_factor * lr
+    warmup_factor: float = 0.1
+    data: str = "sample"
+    val_split: int = 0
+    shortcut: str = "A"
+    zero_init_residual: bool = True
+    seed: int = 0
+
+    @property
+    def lr(self) -> float:
+        """The paper's linear scaling rule with N the per-device batch."""
+        return self.base_lr * self.batch_size / self.base_batch
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * self.virtual_gpus
+
+    def normalized(self) -> "RunConfig":
+        """Canonical spellings, so that equal runs get equal ids ('GN:1' -> 'ln')."""
+        return dataclasses.replace(self, model=self.model.lower(), norm=canonical_norm(self.norm),
+                                   shortcut=self.shortcut.upper(),
+                                   milestones=tuple(int(m) for m in self.milestones))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["milestones"] = list(self.milestones)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "RunConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise NormlabError(f"{where}: unknown key '{unknown[0]}'; known keys: {', '.join(names)}")
+        clean = {}
+        for key, value in values.items():
+            clean[key] = coerce(key, value, type(getattr(cls(), key)), where)
+        return cls(**clean)
+
+    def run_id(self) -> str:
+        """Readable and unique: resnet56-gn16-b32-s0-1a2b3c (x8 for virtual GPUs)."""
+        cfg = self.normalized()
+        vg = f"x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else ""
+        digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+        return f"{cfg.model}-{parse_norm(cfg.norm).tag()}-b{cfg.batch_size}{vg}-s{cfg.seed}-{digest}"
+
+    def validate(self) -> "RunConfig":
+        """Check every field; raise NormlabError naming the field and the fix."""
+        parse_model(self.model)
+        norm = parse_norm(self.norm)
+        for name in ("batch_size", "virtual_gpus", "epochs", "base_batch"):
+            value = getattr(self, name)
+            if value < 1:
+                raise NormlabError(f"{flag(name)} must be a positive whole number, got {value}")
+        for name in ("base_lr",):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise NormlabError(f"{flag(name)} must be a positive number, got {getattr(self, name)}")
+        for name in ("momentum", "weight_decay", "warmup_epochs", "val_split", "seed"):
+            if getattr(self, name) < 0:
+                raise NormlabError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if norm.batch_dependent and self.batch_size == 1:
+            raise NormlabError("BN cannot train on 1 image per device (its variance is zero); "
+                               "use --batch-size 2 or more, or a batch-independent norm (gn, ln, in)")
+        if self.schedule not in SCHEDULES:
+            raise NormlabError(f"unknown schedule '{self.schedule}'; use one of: {', '.join(SCHEDULES)}")
+        if self.schedule == "step" and self.step_size < 1:
+            raise NormlabError(f"--step-size must be a positive number of epochs, got {self.step_size}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise NormlabError("the multistep schedule needs --milestones, e.g. --milestones 82 123")
+        if self.data not in DATA_CHOICES:
+            raise NormlabError(f"unknown data set '{self.data}'; use one of: {', '.join(DATA_CHOICES)}")
+        if self.shortcut.upper() not in ("A", "B"):
+            raise NormlabError(f"unknown shortcut '{self.shortcut}'; use A or B")
+        return self
+
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at a fractional epoch (0 = start of training)."""
+        if self.schedule == "step":
+            factor = 0.1 ** int(epoch // self.step_size)
+        elif self.schedule == "multistep":
+            factor = 0.1 ** sum(epoch >= m for m in self.milestones)
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * min(epoch / self.epochs, 1.0)))
+        if epoch < self.warmup_epochs:
+            t = epoch / self.warmup_epochs
+            factor *= self.warmup_factor + (1 - self.warmup_factor) * t
+        return self.lr * factor
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def coerce(key: str, value, kind: type, where: str):
+    """Check a YAML/JSON value against the field's type, naming the key on mismatch."""
+    def bad():
+        return NormlabError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise NormlabError(f"{where}: '{key}' must be a list of whole numbers, got {value!r}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise bad()
+    return value
+
+
+@dataclass
+class RuntimeOptions:
+    """How to run, not what: never part of a run's identity."""
+
+    device: str = "auto"          # auto | cpu | cuda | cuda:K
+    threads: int | None = None    # CPU threads for this run (None: torch's default)
+    data_dir: str | None = None
+    eval_batch_size: int = 1000
+    channels_last: bool | None = None   # None: chosen per device
+    amp: bool | None = None             # None: bf16 autocast on CUDA, off on CPU
+    compile: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,231 @@
+"""CIFAR-10/100: loading from the python layout, download with checksum, the bundled sample,
+and whole-batch augmentation on the training device.
+
+Images stay uint8 [N, 3, 32, 32] on the device; a training batch is gathered, randomly
+cropped from the 4-pixel zero-padded image and flipped with one indexing operation, then
+normalized per channel. No per-sample Python, no loader processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+import os
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import NormlabError
+
+SAMPLE_FILE = Path(__file__).parent / "assets" / "cifar10_sample.npz.xz"
+DEFAULT_DATA_DIR = Path(os.environ.get("NORMLAB_DATA", Path.home() / ".cache" / "normlab" / "data"))
+
+
+@dataclass(frozen=True)
+class Source:
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    url: str
+    archive_md5: str
+
+
+SOURCES = {
+    "cifar10": Source("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                      ("test_batch",), "labels", 10,
+                      "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                      "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": Source("cifar-100-python", ("train",), ("test",), "fine_labels", 100,
+                       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                       "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+DATA_CHOICES = ("sample", *SOURCES)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Dataset:
+    name: str
+    num_classes: int
+    train: Split
+    test: Split
+    val: Split | None
+    mean: tuple[float, float, float]  # per channel, of the training split, in [0, 1]
+    std: tuple[float, float, float]
+    location: str
+
+    def to(self, device) -> "Dataset":
+        val = self.val.to(device) if self.val is not None else None
+        return Dataset(self.name, self.num_classes, self.train.to(device), self.test.to(device),
+                       val, self.mean, self.std, self.location)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, val_split: int = 0,
+                 download: bool = True) -> Dataset:
+    """Load 'sample', 'cifar10' or 'cifar100'. val_split holds out that many training images
+    (a fixed, class-mixed subset chosen with a fixed seed) as a validation set."""
+    if name == "sample":
+        train, test, num_classes, location = *load_sample(), 10, "bundled sample"
+    elif name in SOURCES:
+        source = SOURCES[name]
+        folder = find_folder(source, data_dir, download)
+        train = read_split(folder, source.train_files, source)
+        test = read_split(folder, source.test_files, source)
+        num_classes, location = source.num_classes, str(folder)
+    else:
+        raise NormlabError(f"unknown data set '{name}'; use one of: {', '.join(DATA_CHOICES)}")
+    val = None
+    if val_split:
+        if not 0 < val_split < len(train):
+            raise NormlabError(f"--val-split {val_split} must be between 1 and {len(train) - 1} "
+                               f"(the training set has {len(train)} images)")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+        val = Split(train.images[order[:val_split]], train.labels[order[:val_split]])
+        keep = order[val_split:].sort().values
+        train = Split(train.images[keep], train.labels[keep])
+    pixels = train.images.double().div(255)
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    return Dataset(name, num_classes, train, test, val, mean, std, location)
+
+
+def load_sample() -> tuple[Split, Split]:
+    """The bundled class-balanced sample of the real CIFAR-10 (see scripts/make_sample.py)."""
+    arrays = np.load(io.BytesIO(lzma.decompress(SAMPLE_FILE.read_bytes())))
+    # Stored as differences along each image row (compresses better); undo with a cumsum.
+    def decode(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.cumsum(arrays[key], axis=-1, dtype=np.uint8))
+    return (Split(decode("train_images"), torch.from_numpy(arrays["train_labels"]).long()),
+            Split(decode("test_images"), torch.from_numpy(arrays["test_labels"]).long()))
+
+
+def find_folder(source: Source, data_dir: str | Path | None, download: bool) -> Path:
+    """The directory holding the batch files: DIR/<folder>, or DIR itself; downloads if absent."""
+    root = Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR
+    for candidate in (root / source.folder, root):
+        if (candidate / source.test_files[0]).exists():
+            return candidate
+    if root.exists() and root.is_file():
+        raise NormlabError(f"--data-dir {root} is a file; pass the directory that holds "
+                           f"{source.folder}/")
+    if download and (not root.exists() or not any(root.iterdir())):
+        fetch_archive(source, root)
+        return root / source.folder
+    raise NormlabError(f"no {source.folder}/ in {root}; download {source.url}, extract it there "
+                       f"(or pass --data-dir pointing at the directory that holds "
+                       f"{source.folder}/)")
+
+
+def fetch_archive(source: Source, root: Path) -> None:
+    """Download the official archive, check its MD5, extract it into root."""
+    from tqdm import tqdm
+
+    archive = root / Path(source.url).name
+    partial = archive.with_suffix(".part")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(source.url, timeout=15) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            digest = hashlib.md5()
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {archive.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as err:
+        partial.unlink(missing_ok=True)
+        raise NormlabError(f"{source.folder}/ is not in {root} and the download failed ({err}); "
+                           f"download {source.url} by hand and extract it into {root}") from None
+    if digest.hexdigest() != source.archive_md5:
+        partial.unlink(missing_ok=True)
+        raise NormlabError(f"checksum mismatch for the downloaded {archive.name} (MD5 "
+                           f"{digest.hexdigest()}, expected {source.archive_md5}); the download is "
+                           f"corrupt: run the command again, or download {source.url} by hand")
+    partial.replace(archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    archive.unlink()
+
+
+def read_split(folder: Path, files: tuple[str, ...], source: Source) -> Split:
+    images, labels = [], []
+    for name in files:
+        x, y = read_batch_file(folder / name, source)
+        images.append(x)
+        labels.append(y)
+    return Split(torch.from_numpy(np.concatenate(images)).view(-1, 3, 32, 32),
+                 torch.from_numpy(np.concatenate(labels)).long())
+
+
+def read_batch_file(path: Path, source: Source) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch, checked for structure, shapes and label range (not for the official
+    checksum: copies such as the shared one differ in file names yet hold the same images)."""
+    fix = f"replace {path} with an intact copy (or delete {path.parent} to download it again)"
+    if not path.exists():
+        raise NormlabError(f"{path} is missing; {fix}")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[source.label_key.encode()])
+    except Exception as err:  # unpickling garbage can raise almost anything
+        raise NormlabError(f"{path} is corrupt or truncated ({type(err).__name__}); {fix}") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise NormlabError(f"{path} holds images of shape {data.shape} and type {data.dtype}, "
+                           f"expected (N, 3072) uint8; {fix}")
+    if labels.shape != (data.shape[0],):
+        raise NormlabError(f"{path} has {labels.size} labels for {data.shape[0]} images; {fix}")
+    if labels.size and (labels.min() < 0 or labels.max() >= source.num_classes):
+        raise NormlabError(f"{path} has labels outside 0..{source.num_classes - 1}; {fix}")
+    return data, labels.astype(np.int64)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random pad-`pad` crop and horizontal flip of a uint8 batch [B, 3, H, W], on its device.
+
+    One gather: row index oy + i, column index ox + j (or ox + W-1-j when flipped) into the
+    zero-padded batch. Random numbers come from `generator` (CPU) for reproducibility.
+    """
+    b, c, h, w = images.shape
+    device = images.device
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(device)
+    flips = torch.randint(0, 2, (b,), generator=generator).bool().to(device)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=device)
+    ar_w = torch.arange(w, device=device)
+    rows = offsets[0, :, None] + ar_h
+    cols = offsets[1, :, None] + torch.where(flips[:, None], w - 1 - ar_w, ar_w)
+    return padded[torch.arange(b, device=device)[:, None, None, None],
+                  torch.arange(c, device=device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Normalizer:
+    """uint8 images -> float, minus the per-channel mean, over the per-channel std."""
+
+    def __init__(self, mean, std, device, dtype=torch.float32):
+        self.scale = (1 / (255 * torch.tensor(std, dtype=dtype))).view(1, 3, 1, 1).to(device)
+        self.shift = (-torch.tensor(mean, dtype=dtype) / torch.tensor(std, dtype=dtype)).view(1, 3, 1, 1).to(device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, images.to(self.scale.dtype), self.scale)

@@ -1,0 +1,320 @@
+"""One run: build, train, evaluate, checkpoint and resume, writing its run directory.
+
+The data set lives on the training device as uint8; every step gathers a batch, augments
+it there (data.augment) and takes one SGD step. Random numbers for data order and
+augmentation come from one CPU generator saved in every checkpoint, so a resumed run
+continues exactly as if it had never stopped (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import math
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__, rundir
+from .config import RunConfig, RuntimeOptions
+from .data import Dataset, Normalizer, augment, load_dataset
+from .errors import NormlabError
+from .models import cifar_resnet
+from .norms import norm_layers, set_chunk_size
+
+# Set by the CLI's signal handlers: finish the current step, checkpoint, exit.
+STOP = threading.Event()
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped cleanly, run the same command again to resume
+DIVERGENCE_CHECK_STEPS = 100
+
+
+class Interrupted(Exception):
+    """Training stopped on request after writing a checkpoint."""
+
+
+class RunBusy(Exception):
+    """Another live process holds the run's lock."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NormlabError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:K") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NormlabError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on every parameter unless wd_on_norm is off, in which
+    case norm parameters and biases (all 1-d tensors) are not decayed."""
+    if cfg.wd_on_norm:
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    else:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def evaluate(model, split, normalize, batch_size: int, autocast) -> tuple[float, float]:
+    """Mean loss and error (%) on a split, in eval mode (BN uses its running statistics)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=split.images.device)
+    wrong = torch.zeros((), dtype=torch.int64, device=split.images.device)
+    with torch.inference_mode(), autocast():
+        for start in range(0, len(split), batch_size):
+            x = normalize(split.images[start:start + batch_size])
+            y = split.labels[start:start + batch_size]
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            wrong += (out.argmax(1) != y).sum()
+    n = len(split)
+    return loss_sum.item() / n, 100.0 * wrong.item() / n
+
+
+class Run:
+    """A run being trained in `run_dir`. Use train() below unless you need the pieces."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, opts: RuntimeOptions):
+        self.cfg = cfg.normalized().validate()
+        self.dir = Path(run_dir)
+        self.opts = opts
+        self.device = resolve_device(opts.device)
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        # Everything that can fail on bad input fails here, before the run directory exists.
+        self.data: Dataset = load_dataset(self.cfg.data, opts.data_dir, self.cfg.val_split).to(self.device)
+        self.steps = len(self.data.train) // self.cfg.images_per_step
+        if self.steps == 0:
+            raise NormlabError(f"one step needs {self.cfg.images_per_step} images but the training set "
+                               f"has {len(self.data.train)}; lower --batch-size or --virtual-gpus")
+        seed_everything(self.cfg.seed)
+        self.model = cifar_resnet(self.cfg.model, self.cfg.norm, self.data.num_classes,
+                                  self.cfg.shortcut, self.cfg.zero_init_residual)
+        self.layers = norm_layers(self.model)
+        set_chunk_size(self.model, self.cfg.batch_size if self.cfg.virtual_gpus > 1 else None)
+        self.channels_last = bool(opts.channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=memory_format)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.forward = torch.compile(self.model) if opts.compile else self.model
+        use_amp = opts.amp if opts.amp is not None else self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp \
+            else contextlib.nullcontext
+        self.normalize = Normalizer(self.data.mean, self.data.std, self.device)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        # Resumable state: epochs finished, steps into the current epoch and its data order.
+        self.epoch, self.step, self.order = 0, 0, None
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, wrong, n
+        self.epoch_seconds = 0.0
+        self.rows: list[dict] = []
+
+    # -- the run directory -------------------------------------------------------------
+    def describe(self) -> dict:
+        data = self.data
+        return {
+            "run_id": self.cfg.run_id(), "config": self.cfg.to_dict(), "lr": self.cfg.lr,
+            "images_per_step": self.cfg.images_per_step, "steps_per_epoch": self.steps,
+            "batch_semantics": (
+                f"{self.cfg.virtual_gpus} virtual devices x {self.cfg.batch_size} images per step; "
+                f"BN statistics over each {self.cfg.batch_size} images"
+                if self.cfg.virtual_gpus > 1 else
+                f"one device, {self.cfg.batch_size} images per step"),
+            "norm_layers": self.layers,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "data": {"name": data.name, "location": data.location, "train": len(data.train),
+                     "val": len(data.val) if data.val is not None else 0, "test": len(data.test),
+                     "mean": data.mean, "std": data.std},
+            "device": str(self.device) if self.device.type == "cpu"
+            else f"{self.device} ({torch.cuda.get_device_name(self.device)})",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "normlab": __version__,
+            "speed_options": {"channels_last": self.channels_last, "compile": self.opts.compile,
+                              "amp": self.autocast is not contextlib.nullcontext},
+        }
+
+    def write_status(self, state: str, **extra) -> None:
+        status = {"state": state, "run_id": self.cfg.run_id(), "epoch": self.epoch,
+                  "epochs": self.cfg.epochs, "summary": rundir.summarize(self.rows),
+                  "updated": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
+        rundir.write_json(self.dir / rundir.STATUS, status)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "step": self.step, "order": self.order,
+            "sums": self.sums.cpu(), "epoch_seconds": self.epoch_seconds, "rows": self.rows,
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_checkpoint(self) -> None:
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        rundir.atomic_write(self.dir / rundir.CHECKPOINT, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        path = self.dir / rundir.CHECKPOINT
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise NormlabError(f"{path} cannot be read ({type(err).__name__}); run again with "
+                               f"--force to start this run afresh (the old one is kept aside)") from None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.order = state["epoch"], state["step"], state["order"]
+        self.sums = state["sums"].to(self.device)
+        self.epoch_seconds, self.rows = state["epoch_seconds"], state["rows"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        return True
+
+    def open(self, force: bool = False) -> "rundir.RunLock":
+        """Create or reopen the run directory, holding its lock. Refuses a different config."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise NormlabError(f"cannot create {self.dir} ({err.strerror}); choose a writable --out") from None
+        lock = rundir.RunLock(self.dir)
+        if not lock.acquire():
+            raise RunBusy(str(self.dir))
+        existing = rundir.read_json(self.dir / rundir.CONFIG)
+        if existing and existing.get("config") != self.cfg.to_dict():
+            if not force:
+                lock.release()
+                changes = "; ".join(config_diff(existing.get("config") or {}, self.cfg.to_dict()))
+                raise NormlabError(f"{self.dir} holds a run with a different config ({changes}); "
+                                   f"use another --out, or --force to start afresh (the old run is "
+                                   f"kept aside)")
+            lock.release()
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.dir.rename(self.dir.with_name(f"{self.dir.name}.old-{stamp}"))
+            return self.open()
+        return lock
+
+    # -- training -----------------------------------------------------------------------
+    def train_epoch(self, on_progress=None) -> None:
+        cfg, train = self.cfg, self.data.train
+        if self.order is None:
+            self.order = torch.randperm(len(train), generator=self.generator)
+        self.model.train()
+        per_step = cfg.images_per_step
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        start = time.perf_counter()
+        seconds_before = self.epoch_seconds
+        while self.step < self.steps:
+            index = self.order[self.step * per_step:(self.step + 1) * per_step].to(self.device)
+            x = self.normalize(augment(train.images[index], self.generator))
+            x = x.contiguous(memory_format=memory_format)
+            y = train.labels[index]
+            lr = cfg.lr_at(self.epoch + self.step / self.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with self.autocast():
+                out = self.forward(x)
+                loss = F.cross_entropy(out.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                self.sums += torch.stack([loss.detach().double() * per_step,
+                                          (out.argmax(1) != y).sum().double(),
+                                          torch.tensor(float(per_step), dtype=torch.float64, device=self.device)])
+            self.step += 1
+            self.epoch_seconds = seconds_before + time.perf_counter() - start
+            if self.step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.sums[0]):
+                break
+            if on_progress is not None:
+                on_progress(self)
+            if STOP.is_set() and self.step < self.steps:
+                self.save_checkpoint()
+                self.write_status("interrupted")
+                raise Interrupted(str(self.dir))
+
+    def finish_epoch(self) -> dict:
+        """Evaluate, then the epoch's metrics row (train numbers from the epoch's sums)."""
+        loss_sum, wrong, n = self.sums.tolist()
+        eval_start = time.perf_counter()
+        row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": loss_sum / n, "train_error": 100.0 * wrong / n}
+        if self.data.val is not None:
+            row["val_loss"], row["val_error"] = evaluate(
+                self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast)
+        row["test_loss"], row["test_error"] = evaluate(
+            self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast)
+        row["seconds"] = self.epoch_seconds + time.perf_counter() - eval_start
+        row["images_per_s"] = n / self.epoch_seconds if self.epoch_seconds else float("nan")
+        return row
+
+    def run(self, on_progress=None, on_epoch=None) -> dict:
+        """Train to the last epoch from wherever the checkpoint left off. Returns the status."""
+        status = rundir.read_json(self.dir / rundir.STATUS)
+        resumed = self.load_checkpoint()
+        if resumed and status and status.get("state") in rundir.FINISHED:
+            return status
+        if resumed:  # a kill between checkpoint and metrics.csv leaves the csv one epoch behind
+            rundir.write_metrics(self.dir / rundir.METRICS, self.rows)
+        rundir.write_json(self.dir / rundir.CONFIG, self.describe())
+        self.write_status("running")
+        try:
+            while self.epoch < self.cfg.epochs:
+                self.train_epoch(on_progress)
+                if not torch.isfinite(self.sums[0]):
+                    self.write_status("diverged", diverged_in_epoch=self.epoch + 1)
+                    return rundir.read_json(self.dir / rundir.STATUS)
+                row = self.finish_epoch()
+                self.rows.append(row)
+                self.epoch, self.step, self.order = self.epoch + 1, 0, None
+                self.sums.zero_()
+                self.epoch_seconds = 0.0
+                self.save_checkpoint()
+                rundir.write_metrics(self.dir / rundir.METRICS, self.rows)
+                self.write_status("running")
+                if on_epoch is not None:
+                    on_epoch(self, row)
+                if STOP.is_set() and self.epoch < self.cfg.epochs:
+                    self.write_status("interrupted")
+                    raise Interrupted(str(self.dir))
+        except (Interrupted, NormlabError):
+            raise
+        except Exception as err:
+            self.write_status("failed", error=f"{type(err).__name__}: {err}")
+            raise
+        self.write_status("done", wall_seconds=sum(r["seconds"] for r in self.rows))
+        return rundir.read_json(self.dir / rundir.STATUS)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, opts: RuntimeOptions | None = None, *,
+          force: bool = False, on_progress=None, on_epoch=None) -> dict:
+    """Train (or resume, or skip if finished) the run `cfg` in `run_dir`; return its status."""
+    run = Run(cfg, Path(run_dir), opts or RuntimeOptions())
+    with run.open(force=force):
+        return run.run(on_progress, on_epoch)

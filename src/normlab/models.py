@@ -1,0 +1,119 @@
+"""CIFAR ResNets of depth 6n+2 (He et al. 2016, section 4.2), with any norm from norms.py.
+
+Three stages of n BasicBlocks with 16/32/64 channels on 32/16/8 maps. Shortcut option A
+(stride-2 subsampling and zero-padded channels, no parameters) as in the paper; option B
+(1x1 projection + norm) as a choice.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NormlabError
+from .norms import NormSpec, make_norm, parse_norm
+
+STAGE_WIDTHS = (16, 32, 64)
+KNOWN_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+class PadShortcut(nn.Module):
+    """Option A: take every other pixel and zero-pad the new channels on both sides."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.pad = extra_channels // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: NormSpec,
+                 shortcut: str, name: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.norm1 = make_norm(norm, planes, layer=f"{name}.norm1")
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.norm2 = make_norm(norm, planes, layer=f"{name}.norm2")
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "A":
+                self.shortcut = PadShortcut(planes - in_planes)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                    make_norm(norm, planes, layer=f"{name}.shortcut.1"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, norm: NormSpec, num_classes: int, shortcut: str):
+        super().__init__()
+        blocks_per_stage = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], 3, 1, 1, bias=False)
+        self.norm1 = make_norm(norm, STAGE_WIDTHS[0], layer="norm1")
+        stages, in_planes = [], STAGE_WIDTHS[0]
+        for s, planes in enumerate(STAGE_WIDTHS):
+            blocks = []
+            for b in range(blocks_per_stage):
+                stride = 2 if s > 0 and b == 0 else 1
+                blocks.append(BasicBlock(in_planes, planes, stride, norm, shortcut,
+                                         name=f"layer{s + 1}.{b}"))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+def init_weights(model: nn.Module, zero_init_residual: bool = True) -> None:
+    """He (fan_out) init for convs, gamma = 1 / beta = 0 for norms, and gamma = 0 in the last
+    norm of every residual block so that each block starts as the identity (GN paper)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    if zero_init_residual:
+        for module in model.modules():
+            if isinstance(module, BasicBlock):
+                nn.init.zeros_(module.norm2.weight)
+
+
+def parse_model(name: str) -> int:
+    """'resnet56' -> 56, refusing depths that are not 6n+2."""
+    match = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
+    depth = int(match.group(1)) if match else 0
+    if depth < 8 or (depth - 2) % 6:
+        raise NormlabError(
+            f"unknown model '{name}'; use resnetD with D = 6n+2, e.g. "
+            + ", ".join(f"resnet{d}" for d in KNOWN_DEPTHS))
+    return depth
+
+
+def cifar_resnet(depth: int | str, norm: str | NormSpec = "bn", num_classes: int = 10,
+                 shortcut: str = "A", zero_init_residual: bool = True) -> CifarResNet:
+    """A CIFAR ResNet, e.g. cifar_resnet(56, norm="gn:16"); depth may be 56 or 'resnet56'."""
+    depth = parse_model(depth if isinstance(depth, str) else f"resnet{depth}")
+    shortcut = str(shortcut).upper()
+    if shortcut not in ("A", "B"):
+        raise NormlabError(f"unknown shortcut '{shortcut}'; use A (zero-padding) or B (projection)")
+    if num_classes < 1:
+        raise NormlabError(f"num_classes must be positive, got {num_classes}")
+    spec = norm if isinstance(norm, NormSpec) else parse_norm(norm)
+    model = CifarResNet(depth, spec, num_classes, shortcut)
+    init_weights(model, zero_init_residual)
+    return model

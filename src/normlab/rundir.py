@@ -1,0 +1,144 @@
+"""The run directory: the only interface between training and everything else.
+
+    config.json     the run config, effective groups per layer, versions, device, data
+    metrics.csv     one row per finished epoch
+    checkpoint.pt   everything needed to resume exactly
+    status.json     running / done / diverged / failed / interrupted, with a summary
+    .lock           held (flock) by the process training the run
+
+Every file is written atomically (temporary file, fsync, rename): after a crash at any
+moment each file is either complete or absent.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import io
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from .errors import NormlabError
+
+CONFIG, METRICS, CHECKPOINT, STATUS, LOCK = (
+    "config.json", "metrics.csv", "checkpoint.pt", "status.json", ".lock")
+FINISHED = ("done", "diverged")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise NormlabError(f"no space left to write {path}; free disk space or choose another "
+                               f"--out, then run the same command again to resume") from None
+        raise NormlabError(f"cannot write {path} ({err.strerror}); choose a writable --out") from None
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write(path, buffer.getvalue().encode())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of metrics.csv with numbers as floats (epoch as int)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return []
+    out = []
+    for row in rows:
+        parsed = {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+        parsed["epoch"] = int(parsed["epoch"])
+        out.append(parsed)
+    return out
+
+
+def summarize(rows: list[dict], last: int = 5) -> dict:
+    """The GN paper's number: the median error of the final `last` epochs."""
+    if not rows:
+        return {}
+    tail = rows[-last:]
+    summary = {"epochs_done": rows[-1]["epoch"],
+               "final_test_error": rows[-1]["test_error"],
+               "median_final5_test_error": statistics.median(r["test_error"] for r in tail),
+               "median_final5_train_error": statistics.median(r["train_error"] for r in tail)}
+    if "val_error" in rows[-1]:
+        summary["median_final5_val_error"] = statistics.median(r["val_error"] for r in tail)
+    return summary
+
+
+class RunLock:
+    """An exclusive flock on <run>/.lock. The kernel drops it when the holder dies, so a lock
+    left by a killed process is simply taken over by the next one."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            return False
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def list_runs(root: Path) -> list[Path]:
+    """Run directories under root (any depth), identified by their config.json."""
+    root = Path(root)
+    if (root / CONFIG).exists():
+        return [root]
+    return sorted(p.parent for p in root.rglob(CONFIG) if ".old-" not in p.parent.name)
