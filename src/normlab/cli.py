@@ -134,6 +134,64 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .progress import StudyDisplay
+    from .report import build_report
+    from .study import expand, images_per_run, parse_overrides, run_study
+
+    if args.seeds is not None and args.seeds < 1:
+        raise NormlabError(f"--seeds must be a positive whole number, got {args.seeds}")
+    if args.workers is not None and args.workers < 1:
+        raise NormlabError(f"--workers must be a positive whole number, got {args.workers}")
+    if args.batch_sizes and any(b < 1 for b in args.batch_sizes):
+        raise NormlabError(f"--batch-sizes must be positive whole numbers, got {args.batch_sizes}")
+    study = expand(args.preset, seeds=args.seeds, overrides=parse_overrides(args.set),
+                   only=args.only, batch_sizes=args.batch_sizes)
+    out = Path(args.out)
+    if args.dry_run:
+        total_train = total_eval = 0
+        print(f"{study.name}: {len(study.runs)} runs into {out}/")
+        for name, ids in study.membership.items():
+            print(f"  {name}: {len(ids)} runs")
+        print(f"{'run':<40} {'lr':>8} {'steps/ep':>9} {'train img':>12} {'eval img':>10}")
+        from .data import SIZES
+        for rid, cfg in study.runs.items():
+            trained, evaluated = images_per_run(cfg)
+            total_train += trained
+            total_eval += evaluated
+            steps = (SIZES[cfg.data][0] - cfg.val_split) // cfg.images_per_step
+            print(f"{rid:<40} {cfg.lr:>8.4g} {steps:>9} {trained:>12,} {evaluated:>10,}")
+        print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
+        return 0
+    opts = runtime_options(args)
+    display = StudyDisplay(enabled=opts.progress)
+    try:
+        results = run_study(study, out, opts, args.workers or study.workers, display)
+    finally:
+        display.close()
+    states = [r.get("state") for r in results.values()]
+    report = build_report(out)
+    print(f"report: {report}")
+    if "interrupted" in states:
+        from .engine import EXIT_INTERRUPTED
+        print(f"normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    failed = [rid for rid, r in results.items() if r.get("state") in ("failed", "busy")]
+    if failed:
+        for rid in failed:
+            reason = results[rid].get("error") or "held by another process"
+            print(f"normlab: {rid}: {results[rid]['state']}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    print(f"report: {build_report(Path(args.results))}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="normlab", description="Batch, Layer, Instance and Group Normalization "
                     "studies on CIFAR: train runs, reproduce the GN study, report, benchmark.")
@@ -148,6 +206,35 @@ def build_parser() -> Parser:
     p.add_argument("--out", default="runs", help="results directory (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reproduce", help="run a study (a grid of runs) and write its report",
+                       description="Run the report's three studies (norms, batch-size, groups) as a "
+                       "resumable sweep into OUT/<run-id>/ and write OUT/report.md. Running the same "
+                       "command again skips finished runs and resumes unfinished ones.")
+    p.add_argument("--preset", default="quick", help="quick (the bundled sample, ~10 min on a 2-core "
+                   "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), or a .yaml file of the same "
+                   "form (default: %(default)s)")
+    p.add_argument("--out", default="results", help="results directory (default: %(default)s)")
+    p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies: norms, "
+                   "batch-size, groups")
+    p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
+    p.add_argument("--workers", type=int, help="runs at once; one per GPU when there are several, "
+                   "CPU threads split between them (default: the preset's)")
+    p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], metavar="N,N,...",
+                   help="batch sizes of the batch-size study, e.g. 256,128,64,32,16,8 (the report's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run setting for "
+                   "every run, e.g. --set epochs=164 --set schedule=multistep --set milestones=[82,123] "
+                   "or --set virtual_gpus=1")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their cost in images")
+    p.add_argument("--quiet", action="store_true", help="no live display")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="write report.md and figures from run directories",
+                       description="Build RESULTS/report.md and RESULTS/figures/*.png from the run "
+                       "directories under RESULTS. Reads run directories only: no data set, no GPU.")
+    p.add_argument("results", help="a results directory (the --out of reproduce or train)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

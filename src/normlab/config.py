@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .data import DATA_CHOICES
 from .errors import NormlabError
-from .models import parse_model
+from .models import check_norm_fits, parse_model
 from .norms import canonical_norm, parse_norm
 
 SCHEDULES = ("step", "multistep", "cosine")
@@ -85,6 +85,7 @@ class RunConfig:
         """Check every field; raise NormlabError naming the field and the fix."""
         parse_model(self.model)
         norm = parse_norm(self.norm)
+        check_norm_fits(norm)
         for name in ("batch_size", "virtual_gpus", "epochs", "base_batch"):
             value = getattr(self, name)
             if value < 1:

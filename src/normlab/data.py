@@ -49,6 +49,7 @@ SOURCES = {
                        "eb9058c3a382ffc7106e4002c42a8d85"),
 }
 DATA_CHOICES = ("sample", *SOURCES)
+SIZES = {"sample": (4000, 1000), "cifar10": (50000, 10000), "cifar100": (50000, 10000)}  # train, test
 
 
 @dataclass

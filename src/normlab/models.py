@@ -104,6 +104,14 @@ def parse_model(name: str) -> int:
     return depth
 
 
+def check_norm_fits(norm: str | NormSpec) -> None:
+    """Refuse, before anything is built, a group setting that some stage width cannot take."""
+    spec = norm if isinstance(norm, NormSpec) else parse_norm(norm)
+    if spec.kind == "gn":
+        for layer, width in zip(("norm1", "layer2.0.norm1", "layer3.0.norm1"), STAGE_WIDTHS):
+            spec.groups_for(width, layer)
+
+
 def cifar_resnet(depth: int | str, norm: str | NormSpec = "bn", num_classes: int = 10,
                  shortcut: str = "A", zero_init_residual: bool = True) -> CifarResNet:
     """A CIFAR ResNet, e.g. cifar_resnet(56, norm="gn:16"); depth may be 56 or 'resnet56'."""

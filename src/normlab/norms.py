@@ -56,9 +56,11 @@ class NormSpec:
         return groups
 
     def tag(self) -> str:
-        """Short name for run ids: bn, gn16, gncpg4."""
+        """Short name for run ids: bn, ln, in, gn16, gncpg4."""
         if self.kind == "bn":
             return "bn"
+        if self.groups == 1 or self.per_group == 1:
+            return "ln" if self.groups == 1 else "in"
         return f"gncpg{self.per_group}" if self.per_group is not None else f"gn{self.groups}"
 
 
