@@ -74,10 +74,14 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: %(default)s)")
     g.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: off; see benchmarks/)")
+                   help="channels_last memory format (default: on for BN, off for GN/LN/IN, whose "
+                        "kernels are NCHW-only on CUDA and slower so on CPU; see benchmarks/)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--checkpoint-every", type=float, metavar="MIN", dest="checkpoint_minutes",
+                   help="also checkpoint within an epoch every MIN minutes (default: at the end "
+                        "of every epoch only)")
     g.add_argument("--force", action="store_true",
                    help="start afresh a run whose directory holds a different config (the old "
                         "directory is renamed, never deleted)")
@@ -93,8 +97,11 @@ def run_config(args) -> RunConfig:
 def runtime_options(args) -> RuntimeOptions:
     if args.threads is not None and args.threads < 1:
         raise NormlabError(f"--threads must be positive, got {args.threads}")
+    if args.checkpoint_minutes is not None and args.checkpoint_minutes <= 0:
+        raise NormlabError(f"--checkpoint-every must be a positive number of minutes, got {args.checkpoint_minutes}")
     return RuntimeOptions(device=args.device, threads=args.threads, data_dir=args.data_dir,
                           channels_last=args.channels_last, amp=args.amp, compile=args.compile,
+                          checkpoint_minutes=args.checkpoint_minutes,
                           progress=not getattr(args, "quiet", False))
 
 
@@ -172,15 +179,14 @@ def cmd_reproduce(args) -> int:
     states = [r.get("state") for r in results.values()]
     report = build_report(out)
     print(f"report: {report}")
-    if "interrupted" in states:
-        from .engine import EXIT_INTERRUPTED
+    from .engine import EXIT_INTERRUPTED, STOP
+    if "interrupted" in states or STOP.is_set():
         print(f"normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
         return EXIT_INTERRUPTED
-    failed = [rid for rid, r in results.items() if r.get("state") in ("failed", "busy")]
+    failed = [rid for rid, r in results.items() if r.get("state") == "failed"]
     if failed:
         for rid in failed:
-            reason = results[rid].get("error") or "held by another process"
-            print(f"normlab: {rid}: {results[rid]['state']}: {reason}", file=sys.stderr)
+            print(f"normlab: {rid}: failed: {results[rid].get('error')}", file=sys.stderr)
         return 1
     return 0
 
@@ -189,6 +195,62 @@ def cmd_report(args) -> int:
     from .report import build_report
 
     print(f"report: {build_report(Path(args.results))}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import itertools
+    import json
+
+    import torch
+
+    from .bench import bench_config, bench_norm_layers, peak_matmul_flops, training_flops_per_image
+    from .engine import resolve_device
+    from .rundir import atomic_write
+
+    for name in ("steps", "warmup", "repeats", "virtual_gpus"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            raise NormlabError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    opts = runtime_options(args)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = resolve_device(opts.device)
+    configs = [RunConfig(model=m, norm=n, batch_size=b, virtual_gpus=args.virtual_gpus, data="sample").normalized().validate()
+               for m, n, b in itertools.product(args.model, args.norm, args.batch_size)]
+    peak = peak_matmul_flops(device)
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    header = (f"{'model':<10} {'norm':<8} {'batch':>7} {'normlab img/s':>14} {'reference img/s':>16} "
+              f"{'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
+    print(header)
+    results, flops = [], {}
+    for cfg in configs:
+        key = (cfg.model, cfg.norm)
+        if key not in flops:
+            flops[key] = training_flops_per_image(cfg.model, cfg.norm)
+        r = bench_config(cfg, opts, args.steps, args.warmup, args.repeats, not args.no_reference,
+                         args.reference_workers)
+        r["train_flops_per_image"] = flops[key]
+        r["achieved_flops"] = r["normlab_images_per_s"] * flops[key]
+        r["fraction_of_peak"] = r["achieved_flops"] / peak
+        results.append(r)
+        batch = f"{cfg.batch_size}x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else str(cfg.batch_size)
+        ref = f"{r['reference_images_per_s']:16.1f}" if "reference_images_per_s" in r else f"{'-':>16}"
+        speedup = f"{r['speedup']:8.2f}x" if "speedup" in r else f"{'-':>9}"
+        print(f"{cfg.model:<10} {cfg.norm:<8} {batch:>7} {r['normlab_images_per_s']:14.1f} {ref} {speedup} "
+              f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['fraction_of_peak']:6.1f}%", flush=True)
+    report = {"command": "normlab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("normlab") else None,
+              "peak_matmul_flops": peak, "torch": torch.__version__, "results": results}
+    if len(results) == 1:
+        report.update({k: v for k, v in results[0].items()})
+    if args.norm_layers:
+        report["norm_layers"] = bench_norm_layers(device)
+        print(f"\nnorm layers, forward + backward (microseconds per call), batch 32, G = 16:")
+        for row in report["norm_layers"]:
+            print(f"  {str(tuple(row['shape'])):<18} {row['format']:<14} {row['impl']:<28} {row['microseconds']:9.1f}")
+    if args.json:
+        atomic_write(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -235,6 +297,29 @@ def build_parser() -> Parser:
                        "directories under RESULTS. Reads run directories only: no data set, no GPU.")
     p.add_argument("results", help="a results directory (the --out of reproduce or train)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="training throughput against the usual pipeline and the machine's peak",
+                       description="Steady-state training throughput (images/s after warm-up) of "
+                       "normlab and of a reference pipeline written like the usual CIFAR scripts "
+                       "(per-sample Dataset + DataLoader, fp32, NCHW, GN by the reshape formula), "
+                       "timed alternately in one process, with the measured matmul peak and the "
+                       "model's counted training FLOPs. Quote the ratios: absolute times drift.")
+    p.add_argument("--model", nargs="+", default=["resnet56"], help="(default: %(default)s)")
+    p.add_argument("--norm", nargs="+", default=["bn", "gn:16"], help="(default: %(default)s)")
+    p.add_argument("--batch-size", nargs="+", type=int, default=[32, 128], help="(default: %(default)s)")
+    p.add_argument("--virtual-gpus", type=int, default=1, help="normlab runs K x N images per step "
+                   "with BN per N; the reference trains plain batch N (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is "
+                   "reported (default: %(default)s)")
+    p.add_argument("--no-reference", action="store_true", help="time normlab only")
+    p.add_argument("--reference-workers", type=int, default=0, help="DataLoader workers of the "
+                   "reference (default: %(default)s)")
+    p.add_argument("--norm-layers", action="store_true", help="also time the norm layers alone")
+    p.add_argument("--json", help="write the results to this JSON file")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -165,5 +165,6 @@ class RuntimeOptions:
     channels_last: bool | None = None   # None: chosen per device
     amp: bool | None = None             # None: bf16 autocast on CUDA, off on CPU
     compile: bool = False
+    checkpoint_minutes: float | None = None  # also checkpoint within an epoch this often
     progress: bool = True
     extra: dict = field(default_factory=dict)

@@ -25,7 +25,7 @@ from .config import RunConfig, RuntimeOptions
 from .data import Dataset, Normalizer, augment, load_dataset
 from .errors import NormlabError
 from .models import cifar_resnet
-from .norms import norm_layers, set_chunk_size
+from .norms import norm_layers, parse_norm, set_chunk_size
 
 # Set by the CLI's signal handlers: finish the current step, checkpoint, exit.
 STOP = threading.Event()
@@ -114,7 +114,10 @@ class Run:
                                   self.cfg.shortcut, self.cfg.zero_init_residual)
         self.layers = norm_layers(self.model)
         set_chunk_size(self.model, self.cfg.batch_size if self.cfg.virtual_gpus > 1 else None)
-        self.channels_last = bool(opts.channels_last)
+        # channels_last speeds up BN's kernels on CPU and CUDA, but GN's kernels are NCHW-only
+        # on CUDA and much slower in channels_last on CPU (see benchmarks/): BN only by default.
+        self.channels_last = (opts.channels_last if opts.channels_last is not None
+                              else parse_norm(self.cfg.norm).kind == "bn")
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory_format)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -221,43 +224,53 @@ class Run:
         return lock
 
     # -- training -----------------------------------------------------------------------
+    def train_step(self, index: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on the training images at `index` (on the device); returns the batch's
+        mean loss and number of errors as device tensors (reading them would sync)."""
+        x = self.normalize(augment(self.data.train.images[index], self.generator))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.data.train.labels[index]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            out = self.forward(x)
+            loss = F.cross_entropy(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (out.argmax(1) != y).sum()
+
     def train_epoch(self, on_progress=None) -> None:
-        cfg, train = self.cfg, self.data.train
+        cfg = self.cfg
         if self.order is None:
-            self.order = torch.randperm(len(train), generator=self.generator)
+            self.order = torch.randperm(len(self.data.train), generator=self.generator)
         self.model.train()
         per_step = cfg.images_per_step
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        start = time.perf_counter()
+        count = torch.tensor(float(per_step), dtype=torch.float64, device=self.device)
+        start = last_save = time.perf_counter()
         seconds_before = self.epoch_seconds
         while self.step < self.steps:
             index = self.order[self.step * per_step:(self.step + 1) * per_step].to(self.device)
-            x = self.normalize(augment(train.images[index], self.generator))
-            x = x.contiguous(memory_format=memory_format)
-            y = train.labels[index]
-            lr = cfg.lr_at(self.epoch + self.step / self.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with self.autocast():
-                out = self.forward(x)
-                loss = F.cross_entropy(out.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, wrong = self.train_step(index, cfg.lr_at(self.epoch + self.step / self.steps))
             with torch.no_grad():
-                self.sums += torch.stack([loss.detach().double() * per_step,
-                                          (out.argmax(1) != y).sum().double(),
-                                          torch.tensor(float(per_step), dtype=torch.float64, device=self.device)])
+                self.sums += torch.stack([loss.double() * per_step, wrong.double(), count])
             self.step += 1
             self.epoch_seconds = seconds_before + time.perf_counter() - start
             if self.step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.sums[0]):
                 break
             if on_progress is not None:
                 on_progress(self)
-            if STOP.is_set() and self.step < self.steps:
+            if self.step == self.steps:
+                break
+            if STOP.is_set():
                 self.save_checkpoint()
                 self.write_status("interrupted")
                 raise Interrupted(str(self.dir))
+            minutes = self.opts.checkpoint_minutes
+            if minutes and time.perf_counter() - last_save > 60 * minutes:
+                self.save_checkpoint()  # within a long epoch, so that preemption loses little
+                last_save = time.perf_counter()
 
     def finish_epoch(self) -> dict:
         """Evaluate, then the epoch's metrics row (train numbers from the epoch's sums)."""

@@ -17,14 +17,13 @@ class StudyDisplay:
         self.finished = self.total_runs - len(pending)
         self.running: dict[str, str] = {}
         self.done_images: dict[str, int] = {}
-        self.start_epoch = {}
-        total = 0
+        self.start_epoch, self.estimate = {}, {}
         for rid in pending:
             cfg = study.runs[rid]
-            trained, _ = images_per_run(cfg)
-            epoch = (results[rid].get("epoch") or 0) if isinstance(results[rid], dict) else 0
-            self.start_epoch[rid] = epoch
-            total += trained * (cfg.epochs - epoch) // cfg.epochs
+            trained, _ = images_per_run(cfg)  # from the data set's nominal size
+            self.start_epoch[rid] = results[rid].get("epoch") or 0
+            self.estimate[rid] = trained * (cfg.epochs - self.start_epoch[rid]) // cfg.epochs
+        total = sum(self.estimate.values())
         print(f"{study.name}: {self.total_runs} runs, {self.finished} already finished, "
               f"{len(pending)} to run ({total / 1e6:.2f} M training images)")
         self.bar = tqdm(total=total, unit="img", unit_scale=True, dynamic_ncols=True,
@@ -43,10 +42,19 @@ class StudyDisplay:
 
     def progress(self, run_id: str, epoch: int, step: int, steps: int) -> None:
         cfg = self.study.runs[run_id]
+        if run_id in self.estimate:  # now the real steps per epoch are known: correct the total
+            start = self.start_epoch.get(run_id, 0)
+            self.bar.total += (cfg.epochs - start) * steps * cfg.images_per_step - self.estimate.pop(run_id)
         images = ((epoch - self.start_epoch.get(run_id, 0)) * steps + step) * cfg.images_per_step
         self.bar.update(max(0, images - self.done_images.get(run_id, 0)))
         self.done_images[run_id] = max(images, self.done_images.get(run_id, 0))
         self.running[run_id] = f"ep {min(epoch + 1, cfg.epochs)}/{cfg.epochs}"
+        self._describe()
+
+    def defer(self, run_id: str) -> None:
+        """The run is being trained by another process: this one waits for it."""
+        self.running.pop(run_id, None)
+        self.bar.write(f"{run_id}: being trained by another process; waiting for it")
         self._describe()
 
     def end(self, run_id: str, status: dict) -> None:

@@ -212,24 +212,49 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
         gpus = torch.cuda.device_count()
     if not threads and not gpus:
         threads = max(1, (os.cpu_count() or 1) // workers)
+    todo, waiting = list(pending), []
+
+    def settle(rid: str, result: dict) -> None:
+        """Record a run's outcome; one held by another process is retried later."""
+        if result.get("state") == "busy":
+            waiting.append(rid)
+            if display:
+                display.defer(rid)
+            return
+        results[rid] = result
+        if display:
+            display.end(rid, result)
+
+    def next_round() -> bool:
+        """When only runs held elsewhere are left, wait for their holders, then retry."""
+        if todo or not waiting or STOP.is_set():
+            return bool(todo)
+        time.sleep(1.0)
+        for rid in list(waiting):
+            status = run_status(out / rid)
+            if status["state"] in rundir.FINISHED:
+                waiting.remove(rid)
+                settle(rid, status)
+        todo.extend(waiting)
+        waiting.clear()
+        return bool(todo)
+
     if workers == 1:  # in this process: the CLI's signal handlers stay in charge
-        for rid in pending:
+        opts_run = dataclasses.replace(opts, threads=threads, progress=False)
+        while todo or next_round():
+            rid = todo.pop(0)
             if STOP.is_set():
                 break
             if display:
                 display.begin(rid)
-            opts_run = dataclasses.replace(opts, threads=threads, progress=False)
-            results[rid] = _train_inline(study.runs[rid], out / rid, opts_run, display)
-            if display:
-                display.end(rid, results[rid])
+            settle(rid, _train_inline(study.runs[rid], out / rid, opts_run, display))
         return results
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                              initargs=(progress_queue, threads)) as pool:
-        futures, todo = {}, list(pending)
-        slot = 0
-        while todo or futures:
+        futures, slot = {}, 0
+        while todo or futures or next_round():
             while todo and len(futures) < workers and not STOP.is_set():
                 rid = todo.pop(0)
                 device = f"cuda:{slot % gpus}" if gpus else opts.device
@@ -247,9 +272,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
             _drain(progress_queue, display)
             for future in done:
                 rid = futures.pop(future)
-                results[rid] = future.result()
-                if display:
-                    display.end(rid, results[rid])
+                settle(rid, future.result())
     return results
 
 

@@ -1,0 +1,189 @@
+"""Training throughput, side by side with the usual research pipeline and the machine's limit.
+
+For each model x norm x batch size: normlab's training step (data on the device as uint8,
+batched augmentation, the fast norm kernels) against a reference written the way CIFAR research
+scripts usually are (a Dataset doing per-sample crop, flip and normalization, a DataLoader,
+fp32, NCHW, the norm as a plain module: for GN the paper's reshape formula). Both are timed in
+the same process, alternating, after warm-up; the ratio is the number to quote. The machine's
+matmul peak and the model's counted training FLOPs per image give the achieved fraction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import RunConfig, RuntimeOptions
+from .data import load_dataset
+from .engine import Run, resolve_device
+from .models import cifar_resnet
+from .norms import GhostBatchNorm2d, ReferenceGroupNorm, group_norm_reference, make_norm
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_matmul_flops(device: torch.device, seconds: float = 1.0, n: int = 2048) -> float:
+    """Measured fp32 matmul FLOP/s: the practical compute limit of this device."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    sync(device)
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def training_flops_per_image(model_name: str, norm: str, batch: int = 8) -> float:
+    """Counted (not guessed) FLOPs of forward + backward per image (convs and matmuls)."""
+    model = cifar_resnet(model_name, norm)
+    x = torch.randn(batch, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long)).backward()
+    return counter.get_total_flops() / batch
+
+
+class PerSampleCifar(torch.utils.data.Dataset):
+    """The usual research-script dataset: one image at a time, numpy crop/flip/normalize."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std):
+        self.images = images.numpy().transpose(0, 2, 3, 1)  # HWC uint8, like PIL images
+        self.labels = labels.numpy()
+        self.mean = np.array(mean, dtype=np.float32)
+        self.std = np.array(std, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = np.pad(self.images[i], ((4, 4), (4, 4), (0, 0)))
+        y, x = np.random.randint(0, 9, size=2)
+        img = img[y:y + 32, x:x + 32]
+        if np.random.rand() < 0.5:
+            img = img[:, ::-1]
+        img = (img.astype(np.float32) / 255 - self.mean) / self.std
+        return torch.from_numpy(img.transpose(2, 0, 1).copy()), int(self.labels[i])
+
+
+def reference_model(cfg: RunConfig) -> torch.nn.Module:
+    """The same network with plain norm modules: nn.BatchNorm2d, or GN by the reshape formula."""
+    model = cifar_resnet(cfg.model, cfg.norm)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.GroupNorm):
+                setattr(module, child_name, ReferenceGroupNorm(child.num_groups, child.num_channels))
+            elif isinstance(child, GhostBatchNorm2d):
+                setattr(module, child_name, torch.nn.BatchNorm2d(child.num_features))
+    return model
+
+
+def time_steps(step, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, repeats: int,
+                 reference: bool, reference_workers: int) -> dict:
+    device = resolve_device(opts.device)
+    run = Run(cfg, "unused", dataclasses.replace(opts, progress=False))
+    run.model.train()
+    per_step = cfg.images_per_step
+    n_train = len(run.data.train)
+    cursor = [0]
+
+    def normlab_step():
+        start = cursor[0] % (n_train - per_step)
+        cursor[0] += per_step
+        run.train_step(torch.arange(start, start + per_step, device=device), cfg.lr)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ref_step = None
+    if reference:
+        ref_cfg = dataclasses.replace(cfg, virtual_gpus=1)  # the usual script: plain batch N
+        model = reference_model(ref_cfg).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+        data = run.data
+        loader = torch.utils.data.DataLoader(
+            PerSampleCifar(data.train.images.cpu(), data.train.labels.cpu(), data.mean, data.std),
+            batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=reference_workers,
+            pin_memory=device.type == "cuda", persistent_workers=reference_workers > 0)
+        batches = [iter(loader)]
+
+        def ref_step():
+            try:
+                x, y = next(batches[0])
+            except StopIteration:
+                batches[0] = iter(loader)
+                x, y = next(batches[0])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    normlab_rates, ref_rates = [], []
+    for _ in range(repeats):  # alternate, so that drift in machine speed hits both alike
+        normlab_rates.append(steps * per_step / time_steps(normlab_step, steps, warmup, device))
+        if ref_step:
+            ref_steps = max(1, steps * per_step // cfg.batch_size)
+            ref_rates.append(ref_steps * cfg.batch_size / time_steps(ref_step, ref_steps, warmup, device))
+    result = {
+        "model": cfg.model, "norm": cfg.norm, "batch_size": cfg.batch_size,
+        "virtual_gpus": cfg.virtual_gpus, "images_per_step": per_step, "device": run.describe()["device"],
+        "threads": torch.get_num_threads(), "speed_options": run.describe()["speed_options"],
+        "normlab_images_per_s": statistics.median(normlab_rates),
+        "normlab_images_per_s_all": normlab_rates,
+    }
+    if ref_rates:
+        result["reference_images_per_s"] = statistics.median(ref_rates)
+        result["reference_images_per_s_all"] = ref_rates
+        result["reference_batch_size"] = cfg.batch_size
+        result["speedup"] = result["normlab_images_per_s"] / result["reference_images_per_s"]
+    if device.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def bench_norm_layers(device: torch.device, batch: int = 32, groups: int = 16, repeats: int = 50) -> list[dict]:
+    """Forward + backward of one norm layer at the ResNet-56 shapes, in both memory formats."""
+    rows = []
+    for channels, size in ((16, 32), (32, 16), (64, 8)):
+        layer = make_norm(f"gn:{groups}", channels).to(device)
+        bn = make_norm("bn", channels).to(device)
+        impls = {
+            "normlab gn (nn.GroupNorm)": lambda x: layer(x),
+            "F.group_norm": lambda x: F.group_norm(x, layer.num_groups, layer.weight, layer.bias),
+            "reference formula": lambda x: group_norm_reference(x, layer.num_groups, layer.weight, layer.bias),
+            "bn (for scale)": lambda x: bn(x),
+        }
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=fmt)
+            x.requires_grad_(True)
+            grad = torch.randn_like(x)
+            for name, fn in impls.items():
+                def step():
+                    fn(x).backward(grad)
+                seconds = time_steps(step, repeats, 5, device)
+                rows.append({"shape": [batch, channels, size, size], "groups": min(groups, channels),
+                             "format": fmt_name, "impl": name, "microseconds": 1e6 * seconds / repeats})
+    return rows

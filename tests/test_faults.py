@@ -1,0 +1,199 @@
+"""Never lose a run: kill -9 at random moments, locks, config changes, full disks."""
+import errno
+import hashlib
+import io
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from normlab import rundir
+from normlab.cli import main
+from normlab.config import RunConfig, RuntimeOptions
+from normlab.data import load_dataset
+from normlab.engine import RunBusy, train
+from normlab.errors import NormlabError
+from normlab.report import build_report
+
+from conftest import write_cifar_fixture
+
+TIMING = ("seconds", "images_per_s")
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def study_command(preset, out, data, *extra):
+    return [sys.executable, "-m", "normlab", "reproduce", "--preset", str(preset), "--out", str(out),
+            "--data-dir", str(data), "--quiet", "--threads", "1", *extra]
+
+
+@pytest.fixture
+def tiny_study(tmp_path):
+    data = write_cifar_fixture(tmp_path / "data", n_per_file=100)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("name: tiny\nworkers: 1\nbase: {model: resnet8, data: cifar10, epochs: 3, batch_size: 10}\n"
+                      "studies:\n  norms:\n    - {norm: [bn, 'gn:4', ln]}\n")
+    return preset, data
+
+
+def compare_with_reference(out, ref):
+    runs = sorted(p.name for p in ref.iterdir() if (p / rundir.CONFIG).exists())
+    assert len(runs) == 3
+    for name in runs:
+        assert rundir.read_json(out / name / rundir.STATUS)["state"] == "done"
+        assert strip(rundir.read_metrics(out / name / rundir.METRICS)) == \
+            strip(rundir.read_metrics(ref / name / rundir.METRICS)), name
+
+
+def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, tmp_path):
+    preset, data = tiny_study
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(study_command(preset, ref, data), check=True, capture_output=True)
+    rng = random.Random(int(os.environ.get("NORMLAB_FAULT_SEED", "0")))
+    kills = 0
+    for attempt in range(60):
+        # checkpoints within epochs too (every 0.3 s), so kills land mid-epoch and mid-write;
+        # a start-up (imports, data) takes about 5 s here, the whole study about 20 s
+        proc = subprocess.Popen(study_command(preset, out, data, "--checkpoint-every", "0.005"),
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 9.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            build_report(out) if any(out.glob("*/config.json")) else None  # readable at any moment
+            continue
+        assert proc.returncode == 0, proc.stderr.read().decode()
+        break
+    else:
+        pytest.fail("the study never finished")
+    assert kills >= 3, f"only {kills} kills landed"
+    compare_with_reference(out, ref)
+    assert not list(out.rglob("*.tmp"))  # no half-written file is left visible to readers
+
+
+def test_two_processes_on_one_results_directory(tiny_study, tmp_path):
+    preset, data = tiny_study
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(study_command(preset, ref, data), check=True, capture_output=True)
+    procs = [subprocess.Popen(study_command(preset, out, data), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    for p in procs:
+        p.wait(timeout=300)
+        assert p.returncode == 0, p.stderr.read().decode()
+    compare_with_reference(out, ref)
+
+
+def hold_lock(path, ready):
+    lock = rundir.RunLock(path)
+    assert lock.acquire()
+    ready.set()
+    time.sleep(600)
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path, cifar_fixture):
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=hold_lock, args=(tmp_path, ready))
+    holder.start()
+    assert ready.wait(60)
+    assert not rundir.RunLock(tmp_path).acquire()
+    cfg = RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=1, data="cifar10")
+    with pytest.raises(RunBusy):
+        train(cfg, tmp_path, RuntimeOptions(data_dir=str(cifar_fixture), progress=False))
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    lock = rundir.RunLock(tmp_path)
+    assert lock.acquire()
+    lock.release()
+    assert train(cfg, tmp_path, RuntimeOptions(data_dir=str(cifar_fixture), progress=False))["state"] == "done"
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_changed_config_is_refused_then_forced(capsys, cifar_fixture, tmp_path):
+    run = tmp_path / "run"
+    cfg = RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=1, data="cifar10")
+    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False)
+    train(cfg, run, opts)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    changed = RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=2, data="cifar10", seed=1)
+    with pytest.raises(NormlabError, match=r"different config \(epochs: 1 -> 2; seed: 0 -> 1\).*--force"):
+        train(changed, run, opts)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert train(changed, run, opts, force=True)["state"] == "done"
+    (old,) = tmp_path.glob("run.old-*")
+    assert (old / rundir.METRICS).read_bytes() == before[rundir.METRICS]
+
+
+def test_full_disk_is_one_line_and_keeps_existing_results(capsys, cifar_fixture, tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    common = ["train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "20", "--epochs", "1",
+              "--data", "cifar10", "--data-dir", str(cifar_fixture), "--out", str(out), "--quiet"]
+    assert cli(capsys, *common)[0] == 0
+    (done,) = out.iterdir()
+    before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = cli(capsys, *common[:-3], "--seed", "1", "--out", str(out), "--quiet")
+    assert code == 2 and "no space left" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()} == before
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    code, _, err = cli(capsys, "train", "--epochs", "1", "--out", str(blocker / "runs"))
+    assert code == 2 and "cannot create" in err and "writable --out" in err
+    code, _, err = cli(capsys, "reproduce", "--out", str(blocker / "results"), "--quiet")
+    assert code == 2 and "writable --out" in err
+
+
+def test_checksum_mismatch_on_download(tmp_path, monkeypatch):
+    payload = b"not the cifar archive" * 1000
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(payload))}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Response(payload))
+    with pytest.raises(NormlabError, match=rf"checksum mismatch.*MD5 {hashlib.md5(payload).hexdigest()}"):
+        load_dataset("cifar10", tmp_path / "fresh")
+    assert not any((tmp_path / "fresh").iterdir())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["reproduce", "--preset", "nope"], "unknown preset 'nope'"),
+    (["reproduce", "--seeds", "0"], "--seeds must be a positive"),
+    (["reproduce", "--workers", "0"], "--workers must be a positive"),
+    (["reproduce", "--set", "virtual_gpus=0"], "--virtual-gpus must be a positive"),
+    (["reproduce", "--set", "epochs=x"], "'epochs' must be int"),
+    (["reproduce", "--set", "colour=red"], "unknown key 'colour'"),
+    (["reproduce", "--batch-sizes", "32,0"], "--batch-sizes must be positive"),
+    (["report", "/nonexistent/results"], "is not a directory"),
+    (["train", "--checkpoint-every", "0"], "--checkpoint-every must be a positive"),
+])
+def test_more_bad_input(capsys, tmp_path, args, message):
+    code, _, err = cli(capsys, *args, *(["--out", str(tmp_path / "o")] if args[0] != "report" else []))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
