@@ -120,19 +120,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} is not a multiple of the chunk size {n}")
-        k, (b, c, h, w) = x.shape[0] // n, x.shape
-        # [K*N, C, H, W] -> [N, K*C, H, W]: each (chunk, channel) pair becomes one BN channel.
-        folded = x.view(k, n, c, h, w).transpose(0, 1).reshape(n, k * c, h, w)
-        out = F.batch_norm(folded, None, None, self.weight.repeat(k), self.bias.repeat(k),
-                           training=True, eps=self.eps)
-        if self.track_running_stats:
-            with torch.no_grad():
-                var, mean = torch.var_mean(folded, dim=(0, 2, 3), unbiased=True)
-                m = self.momentum
-                self.running_mean.mul_(1 - m).add_(mean.view(k, c).mean(0), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.view(k, c).mean(0), alpha=m)
-                self.num_batches_tracked.add_(1)
-        return out.view(n, k, c, h, w).transpose(0, 1).reshape(b, c, h, w)
+        # Native BN on each chunk (a view: memory format kept, fast kernels). Each chunk updates
+        # its own copy of the running statistics; their mean is the averaged update.
+        chunks = x.split(n)
+        means = [self.running_mean.clone() for _ in chunks]
+        variances = [self.running_var.clone() for _ in chunks]
+        out = torch.cat([F.batch_norm(chunk, m, v, self.weight, self.bias, True, self.momentum, self.eps)
+                         for chunk, m, v in zip(chunks, means, variances)])
+        with torch.no_grad():
+            self.running_mean.copy_(torch.stack(means).mean(0))
+            self.running_var.copy_(torch.stack(variances).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out
 
 
 def group_norm_reference(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
