@@ -419,6 +419,8 @@ def all_runs_table(runs: list[Run]) -> str:
         state = r.state + (f" (epoch {r.status.get('diverged_in_epoch')})" if r.state == "diverged" else "")
         if r.state not in ("done", "diverged"):
             state += f" ({len(r.rows)}/{r.cfg.epochs} epochs)"
+        last = f"{r.rows[-1]['test_error']:.2f}" if r.rows else "-"
         rows.append([r.id, label(r.cfg.norm), r.cfg.batch_size, r.cfg.virtual_gpus, r.cfg.seed,
-                     f"{r.cfg.lr:.4g}", len(r.rows), final, state])
-    return table(["run", "norm", "batch", "virtual GPUs", "seed", "lr", "epochs", "test error (%)", "state"], rows)
+                     f"{r.cfg.lr:.4g}", len(r.rows), final, last, state])
+    return table(["run", "norm", "batch", "virtual GPUs", "seed", "lr", "epochs",
+                  "test error (%), median of final 5", "at the last epoch", "state"], rows)
