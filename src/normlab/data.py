@@ -92,7 +92,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_split: int =
         folder = find_folder(source, data_dir, download)
         train = read_split(folder, source.train_files, source)
         test = read_split(folder, source.test_files, source)
-        num_classes, location = source.num_classes, str(folder)
+        num_classes, location = source.num_classes, str(folder.resolve())
     else:
         raise NormlabError(f"unknown data set '{name}'; use one of: {', '.join(DATA_CHOICES)}")
     val = None
