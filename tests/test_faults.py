@@ -197,3 +197,13 @@ def test_more_bad_input(capsys, tmp_path, args, message):
     code, _, err = cli(capsys, *args, *(["--out", str(tmp_path / "o")] if args[0] != "report" else []))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
+
+
+def test_diverging_train_is_one_line_exit_2(capsys, cifar_fixture, tmp_path):
+    code, _, err = cli(capsys, "train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "10",
+                       "--epochs", "2", "--base-lr", "1e6", "--no-zero-init", "--data", "cifar10",
+                       "--data-dir", str(cifar_fixture), "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and "diverged in epoch" in err and "--base-lr" in err
+    assert len(err.strip().splitlines()) == 1
+    (run,) = (tmp_path / "o").iterdir()
+    assert rundir.read_json(run / rundir.STATUS)["state"] == "diverged"

@@ -133,9 +133,10 @@ def cmd_train(args) -> int:
     state = status["state"]
     where = Path(args.out) / cfg.run_id()
     if state == "diverged":
-        print(f"{where}: diverged in epoch {status.get('diverged_in_epoch')} (loss became NaN or "
-              f"infinite); try a lower --base-lr or --warmup-epochs")
-        return 1
+        print(f"normlab: error: {where} diverged in epoch {status.get('diverged_in_epoch')} (the loss "
+              f"became NaN or infinite; earlier epochs are kept); lower --base-lr or add "
+              f"--warmup-epochs, with --force to start it afresh", file=sys.stderr)
+        return 2
     print(f"{where}: {state}; median test error of the final 5 epochs "
           f"{summary.get('median_final5_test_error', float('nan')):.2f}%")
     return 0
