@@ -76,6 +76,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, 
         break
     else:
         pytest.fail("the study never finished")
+    print(f"fault injection: study finished after {kills} kill -9s")
     assert kills >= 3, f"only {kills} kills landed"
     compare_with_reference(out, ref)
     assert not list(out.rglob("*.tmp"))  # no half-written file is left visible to readers
