@@ -208,3 +208,20 @@ def test_diverging_train_is_one_line_exit_2(capsys, cifar_fixture, tmp_path):
     assert len(err.strip().splitlines()) == 1
     (run,) = (tmp_path / "o").iterdir()
     assert rundir.read_json(run / rundir.STATUS)["state"] == "diverged"
+
+
+def test_reproduce_force_restarts_a_run_whose_config_changed(cifar_fixture, tmp_path):
+    from normlab.study import expand, run_study
+    preset = tmp_path / "p.yaml"
+    preset.write_text("base: {model: resnet8, data: cifar10, epochs: 1, batch_size: 20}\n"
+                      "studies:\n  norms:\n    - {norm: ['gn:4']}\n")
+    study = expand(str(preset))
+    (run_id,) = study.runs
+    out = tmp_path / "out"
+    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False)
+    # a directory of that name holding another config (as after a hash collision or a hand copy)
+    train(RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=2, data="cifar10"), out / run_id, opts)
+    results = run_study(study, out, opts, workers=1)
+    assert results[run_id]["state"] == "failed" and "different config" in results[run_id]["error"]
+    results = run_study(study, out, opts, workers=1, force=True)
+    assert results[run_id]["state"] == "done" and len(list(out.glob(f"{run_id}.old-*"))) == 1

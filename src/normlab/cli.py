@@ -174,7 +174,7 @@ def cmd_reproduce(args) -> int:
     opts = runtime_options(args)
     display = StudyDisplay(enabled=opts.progress)
     try:
-        results = run_study(study, out, opts, args.workers or study.workers, display)
+        results = run_study(study, out, opts, args.workers or study.workers, display, force=args.force)
     finally:
         display.close()
     states = [r.get("state") for r in results.values()]
@@ -274,7 +274,7 @@ def build_parser() -> Parser:
                        description="Run the report's three studies (norms, batch-size, groups) as a "
                        "resumable sweep into OUT/<run-id>/ and write OUT/report.md. Running the same "
                        "command again skips finished runs and resumes unfinished ones.")
-    p.add_argument("--preset", default="quick", help="quick (the bundled sample, ~10 min on a 2-core "
+    p.add_argument("--preset", default="quick", help="quick (the bundled sample, about 8 min on a 2-core "
                    "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), or a .yaml file of the same "
                    "form (default: %(default)s)")
     p.add_argument("--out", default="results", help="results directory (default: %(default)s)")

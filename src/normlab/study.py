@@ -141,7 +141,11 @@ def relative_cost(cfg: RunConfig) -> float:
     return images_per_run(cfg)[0] * depth * (1 + 8 / cfg.images_per_step)
 
 
-def run_status(run_dir: Path) -> dict:
+def run_status(run_dir: Path, cfg: RunConfig) -> dict:
+    """The run's status; a directory holding another config never counts as this run's result."""
+    info = rundir.read_json(run_dir / rundir.CONFIG)
+    if info and info.get("config") != cfg.to_dict():
+        return {"state": "config differs"}
     return rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
 
 
@@ -161,7 +165,7 @@ def _worker_init(progress_queue, threads: int | None) -> None:
         signal.signal(sig, lambda *_: STOP.set())
 
 
-def train_one(cfg_dict: dict, run_dir: str, opts: RuntimeOptions) -> dict:
+def train_one(cfg_dict: dict, run_dir: str, opts: RuntimeOptions, force: bool = False) -> dict:
     """Train one run; never raises for the run's own failures (they are its status)."""
     from .engine import Interrupted, RunBusy, train
 
@@ -175,7 +179,7 @@ def train_one(cfg_dict: dict, run_dir: str, opts: RuntimeOptions) -> dict:
             _progress_queue.put((cfg.run_id(), run.epoch, run.step, run.steps))
 
     try:
-        return train(cfg, run_dir, opts, on_progress=on_progress)
+        return train(cfg, run_dir, opts, force=force, on_progress=on_progress)
     except Interrupted:
         return {"state": "interrupted"}
     except RunBusy:
@@ -186,7 +190,8 @@ def train_one(cfg_dict: dict, run_dir: str, opts: RuntimeOptions) -> dict:
         return {"state": "failed", "error": f"{type(err).__name__}: {err}"}
 
 
-def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, display=None) -> dict[str, dict]:
+def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, display=None,
+              force: bool = False) -> dict[str, dict]:
     """Train every unfinished run of the study into out/<run-id>/. Returns run id -> status."""
     from .engine import STOP
 
@@ -198,7 +203,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
             "studies": study.membership, "runs": {k: c.to_dict() for k, c in study.runs.items()}})
     except OSError as err:
         raise NormlabError(f"cannot write to {out} ({err.strerror}); choose a writable --out") from None
-    results = {rid: run_status(out / rid) for rid in study.runs}
+    results = {rid: run_status(out / rid, cfg) for rid, cfg in study.runs.items()}
     pending = [rid for rid in study.runs if results[rid]["state"] not in rundir.FINISHED]
     pending.sort(key=lambda rid: -relative_cost(study.runs[rid]))  # longest first: less idle at the end
     if display:
@@ -231,7 +236,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
             return bool(todo)
         time.sleep(1.0)
         for rid in list(waiting):
-            status = run_status(out / rid)
+            status = run_status(out / rid, study.runs[rid])
             if status["state"] in rundir.FINISHED:
                 waiting.remove(rid)
                 settle(rid, status)
@@ -247,7 +252,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
                 break
             if display:
                 display.begin(rid)
-            settle(rid, _train_inline(study.runs[rid], out / rid, opts_run, display))
+            settle(rid, _train_inline(study.runs[rid], out / rid, opts_run, display, force))
         return results
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
@@ -260,7 +265,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
                 device = f"cuda:{slot % gpus}" if gpus else opts.device
                 slot += 1
                 run_opts = dataclasses.replace(opts, device=device, threads=threads, progress=False)
-                futures[pool.submit(train_one, study.runs[rid].to_dict(), str(out / rid), run_opts)] = rid
+                futures[pool.submit(train_one, study.runs[rid].to_dict(), str(out / rid), run_opts, force)] = rid
                 if display:
                     display.begin(rid)
             if STOP.is_set():
@@ -276,7 +281,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
     return results
 
 
-def _train_inline(cfg: RunConfig, run_dir: Path, opts: RuntimeOptions, display) -> dict:
+def _train_inline(cfg: RunConfig, run_dir: Path, opts: RuntimeOptions, display, force: bool) -> dict:
     global _progress_queue
 
     class Direct:
@@ -285,7 +290,7 @@ def _train_inline(cfg: RunConfig, run_dir: Path, opts: RuntimeOptions, display) 
                 display.progress(*item)
     _progress_queue = Direct()
     try:
-        return train_one(cfg.to_dict(), str(run_dir), opts)
+        return train_one(cfg.to_dict(), str(run_dir), opts, force)
     finally:
         _progress_queue = None
 
