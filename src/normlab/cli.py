@@ -240,7 +240,7 @@ def cmd_bench(args) -> int:
         speedup = f"{r['speedup']:8.2f}x" if "speedup" in r else f"{'-':>9}"
         print(f"{cfg.model:<10} {cfg.norm:<8} {batch:>7} {r['normlab_images_per_s']:14.1f} {ref} {speedup} "
               f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['fraction_of_peak']:6.1f}%", flush=True)
-    report = {"command": "normlab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("normlab") else None,
+    report = {"command": "normlab " + " ".join(args.argv),
               "peak_matmul_flops": peak, "torch": torch.__version__, "results": results}
     if len(results) == 1:
         report.update({k: v for k, v in results[0].items()})
@@ -344,6 +344,7 @@ def install_signal_handlers() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with benchmark results
     previous = install_signal_handlers()
     from .engine import EXIT_INTERRUPTED, Interrupted, RunBusy
     try:

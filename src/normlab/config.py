@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .data import DATA_CHOICES
 from .errors import NormlabError
@@ -167,4 +167,3 @@ class RuntimeOptions:
     compile: bool = False
     checkpoint_minutes: float | None = None  # also checkpoint within an epoch this often
     progress: bool = True
-    extra: dict = field(default_factory=dict)

@@ -28,7 +28,6 @@ from .data import SIZES
 from .errors import NormlabError
 
 PRESET_KEYS = {"name", "description", "workers", "seeds", "base", "studies"}
-STUDY_NAMES = ("norms", "batch-size", "groups")
 
 
 @dataclass
