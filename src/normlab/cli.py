@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
 def cmd_reproduce(args) -> int:
     from .progress import StudyDisplay
     from .report import build_report
-    from .study import expand, images_per_run, parse_overrides, run_study
+    from .study import expand, images_per_run, parse_overrides, run_study, steps_per_epoch
 
     if args.seeds is not None and args.seeds < 1:
         raise NormlabError(f"--seeds must be a positive whole number, got {args.seeds}")
@@ -162,13 +162,11 @@ def cmd_reproduce(args) -> int:
         for name, ids in study.membership.items():
             print(f"  {name}: {len(ids)} runs")
         print(f"{'run':<40} {'lr':>8} {'steps/ep':>9} {'train img':>12} {'eval img':>10}")
-        from .data import SIZES
         for rid, cfg in study.runs.items():
             trained, evaluated = images_per_run(cfg)
             total_train += trained
             total_eval += evaluated
-            steps = (SIZES[cfg.data][0] - cfg.val_split) // cfg.images_per_step
-            print(f"{rid:<40} {cfg.lr:>8.4g} {steps:>9} {trained:>12,} {evaluated:>10,}")
+            print(f"{rid:<40} {cfg.lr:>8.4g} {steps_per_epoch(cfg):>9} {trained:>12,} {evaluated:>10,}")
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
     opts = runtime_options(args)

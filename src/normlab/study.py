@@ -125,13 +125,15 @@ def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | Non
     return Study(preset.get("name", where), preset.get("description", ""), workers, runs, membership)
 
 
+def steps_per_epoch(cfg: RunConfig) -> int:
+    """Steps per epoch on the data set's nominal size (the last partial step is dropped)."""
+    return (SIZES[cfg.data][0] - cfg.val_split) // cfg.images_per_step
+
+
 def images_per_run(cfg: RunConfig) -> tuple[int, int]:
     """(images trained, images evaluated) over the whole run: the cost of a run."""
-    train_size, test_size = SIZES[cfg.data]
-    train_size -= cfg.val_split
-    steps = train_size // cfg.images_per_step
-    return (cfg.epochs * steps * cfg.images_per_step,
-            cfg.epochs * (test_size + cfg.val_split))
+    return (cfg.epochs * steps_per_epoch(cfg) * cfg.images_per_step,
+            cfg.epochs * (SIZES[cfg.data][1] + cfg.val_split))
 
 
 def relative_cost(cfg: RunConfig) -> float:
