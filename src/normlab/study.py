@@ -259,7 +259,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
     progress_queue = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                              initargs=(progress_queue, threads)) as pool:
-        futures, slot = {}, 0
+        futures, slot, stopping = {}, 0, False
         while todo or futures or next_round():
             while todo and len(futures) < workers and not STOP.is_set():
                 rid = todo.pop(0)
@@ -269,7 +269,8 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
                 futures[pool.submit(train_one, study.runs[rid].to_dict(), str(out / rid), run_opts, force)] = rid
                 if display:
                     display.begin(rid)
-            if STOP.is_set():
+            if STOP.is_set() and not stopping:  # forward the stop to the workers once
+                stopping = True
                 todo.clear()
                 for process in list(getattr(pool, "_processes", {}).values()):
                     if process.is_alive():
