@@ -207,9 +207,11 @@ def cmd_bench(args) -> int:
     from .engine import resolve_device
     from .rundir import atomic_write
 
-    for name in ("steps", "warmup", "repeats", "virtual_gpus"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
+    for name in ("steps", "repeats", "virtual_gpus"):
+        if getattr(args, name) < 1:
             raise NormlabError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise NormlabError(f"--warmup must be 0 or more steps, got {args.warmup}")
     opts = runtime_options(args)
     if opts.threads:
         torch.set_num_threads(opts.threads)
