@@ -95,3 +95,12 @@ def test_bn_with_one_image_per_device_is_refused():
     with pytest.raises(NormlabError, match="BN cannot train on 1 image"):
         RunConfig(norm="bn", batch_size=1).validate()
     RunConfig(norm="gn:4", batch_size=1).validate()
+
+
+def test_run_ids_of_existing_runs_never_change():
+    # Pinned from normlab 0.1: results directories made then must keep resuming. Fields added
+    # later are declared with config.later() and stay out of the id while at their defaults.
+    assert RunConfig().run_id() == "resnet20-bn-b32-s0-eab9b7"
+    assert RunConfig(model="resnet56", norm="gn:16", batch_size=32).run_id() == "resnet56-gn16-b32-s0-794060"
+    assert RunConfig(model="resnet8", norm="bn", batch_size=2, virtual_gpus=8, data="sample", epochs=7,
+                     schedule="cosine").run_id() == "resnet8-bn-b2x8-s0-ae9554"

@@ -18,6 +18,15 @@ from .models import check_norm_fits, parse_model
 from .norms import canonical_norm, parse_norm
 
 SCHEDULES = ("step", "multistep", "cosine")
+# RunConfig fields added after normlab 0.1. Left out of a config's dict (and so of its run id
+# and of the config check on resume) while at their defaults, so that every run of 0.1 keeps
+# its id and its results directory resumes: declare new fields with later(default).
+LATER = "added_after_0_1"
+
+
+def later(default):
+    """A RunConfig field added after 0.1 (see LATER)."""
+    return dataclasses.field(default=default, metadata={LATER: True})
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["milestones"] = list(self.milestones)
+        for f in dataclasses.fields(self):
+            if f.metadata.get(LATER) and out[f.name] == f.default:
+                del out[f.name]  # keeps the ids of runs made before the field existed
         return out
 
     @classmethod
