@@ -9,6 +9,7 @@ matmul peak and the model's counted training FLOPs per image give the achieved f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import statistics
@@ -31,9 +32,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_matmul_flops(device: torch.device, seconds: float = 1.0, n: int = 2048) -> float:
-    """Measured fp32 matmul FLOP/s: the practical compute limit of this device."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_matmul_flops(device: torch.device, seconds: float = 1.0, n: int = 2048,
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul FLOP/s in `dtype`: the practical compute limit of this device in it."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -100,13 +106,20 @@ def time_steps(step, steps: int, warmup: int, device) -> float:
 
 
 def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, repeats: int,
-                 reference: bool, reference_workers: int) -> dict:
+                 reference: bool, reference_workers: int,
+                 precisions: tuple[str, ...] = ("fp32",)) -> dict:
+    """Time normlab's step in each of `precisions` ('fp32', 'bf16' autocast) and the reference
+    (fp32, as the usual scripts train), alternating. normlab_images_per_s is the precision the
+    run would choose by default (opts.amp, or auto), or the first one timed if that was not."""
     device = resolve_device(opts.device)
     run = Run(cfg, "unused", dataclasses.replace(opts, progress=False))
     run.model.train()
     per_step = cfg.images_per_step
     n_train = len(run.data.train)
     cursor = [0]
+    default = "bf16" if run.amp else "fp32"
+    autocasts = {"fp32": contextlib.nullcontext,
+                 "bf16": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}
 
     def normlab_step():
         start = cursor[0] % (n_train - per_step)
@@ -139,24 +152,32 @@ def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, 
             loss.backward()
             optimizer.step()
 
-    normlab_rates, ref_rates = [], []
-    for _ in range(repeats):  # alternate, so that drift in machine speed hits both alike
-        normlab_rates.append(steps * per_step / time_steps(normlab_step, steps, warmup, device))
+    rates, ref_rates = {p: [] for p in precisions}, []
+    for _ in range(repeats):  # alternate, so that drift in machine speed hits all alike
+        for precision in precisions:
+            run.autocast = autocasts[precision]
+            rates[precision].append(steps * per_step / time_steps(normlab_step, steps, warmup, device))
         if ref_step:
             ref_steps = max(1, steps * per_step // cfg.batch_size)
             ref_rates.append(ref_steps * cfg.batch_size / time_steps(ref_step, ref_steps, warmup, device))
+    chosen = default if default in precisions else precisions[0]
     result = {
         "model": cfg.model, "norm": cfg.norm, "batch_size": cfg.batch_size,
         "virtual_gpus": cfg.virtual_gpus, "images_per_step": per_step, "device": run.describe()["device"],
         "threads": torch.get_num_threads(), "speed_options": run.describe()["speed_options"],
-        "normlab_images_per_s": statistics.median(normlab_rates),
-        "normlab_images_per_s_all": normlab_rates,
+        "precision": chosen,
+        "normlab_images_per_s": statistics.median(rates[chosen]),
+        "normlab_images_per_s_all": rates[chosen],
+        "precisions": {p: {"images_per_s": statistics.median(r), "images_per_s_all": r}
+                       for p, r in rates.items()},
     }
     if ref_rates:
         result["reference_images_per_s"] = statistics.median(ref_rates)
         result["reference_images_per_s_all"] = ref_rates
         result["reference_batch_size"] = cfg.batch_size
         result["speedup"] = result["normlab_images_per_s"] / result["reference_images_per_s"]
+        for entry in result["precisions"].values():
+            entry["speedup"] = entry["images_per_s"] / result["reference_images_per_s"]
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:

@@ -15,6 +15,7 @@ from .config import RunConfig, RuntimeOptions
 from .data import DATA_CHOICES
 from .errors import NormlabError
 from .norms import SPEC_HELP
+from .precision import describe as describe_precision
 
 DEFAULTS = RunConfig()
 
@@ -77,7 +78,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="channels_last memory format (default: on for BN, off for GN/LN/IN, whose "
                         "kernels are NCHW-only on CUDA and slower so on CPU; see benchmarks/)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off for CPU)")
+                   help="bf16 autocast (default: auto, on for CUDA and for CPUs with native bf16 "
+                        "(AMX, AVX512-BF16, Arm BF16), where it trains about twice as fast; fp32 on "
+                        "other CPUs, where bf16 is slower; the choice is recorded in config.json)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--checkpoint-every", type=float, metavar="MIN", dest="checkpoint_minutes",
                    help="also checkpoint within an epoch every MIN minutes (default: at the end "
@@ -113,6 +116,7 @@ def cmd_train(args) -> int:
     cfg = run_config(args)
     opts = runtime_options(args)
     run = engine.Run(cfg, Path(args.out) / cfg.run_id(), opts)
+    print(describe_precision(run.amp, run.amp_reason))
     bar = tqdm(total=cfg.epochs * run.steps, unit="step", disable=not opts.progress,
                desc=cfg.run_id(), dynamic_ncols=True)
 
@@ -143,6 +147,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from .engine import resolve_device
+    from .precision import choose_amp
     from .progress import StudyDisplay
     from .report import build_report
     from .study import expand, images_per_run, parse_overrides, run_study, steps_per_epoch
@@ -170,6 +176,7 @@ def cmd_reproduce(args) -> int:
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
     opts = runtime_options(args)
+    print(describe_precision(*choose_amp(resolve_device(opts.device), opts.amp)))
     display = StudyDisplay(enabled=opts.progress)
     try:
         results = run_study(study, out, opts, args.workers or study.workers, display, force=args.force)
@@ -203,8 +210,9 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from .bench import bench_config, bench_norm_layers, peak_matmul_flops, training_flops_per_image
+    from .bench import PRECISIONS, bench_config, bench_norm_layers, peak_matmul_flops, training_flops_per_image
     from .engine import resolve_device
+    from .precision import choose_amp
     from .rundir import atomic_write
 
     for name in ("steps", "repeats", "virtual_gpus"):
@@ -218,11 +226,14 @@ def cmd_bench(args) -> int:
     device = resolve_device(opts.device)
     configs = [RunConfig(model=m, norm=n, batch_size=b, virtual_gpus=args.virtual_gpus, data="sample").normalized().validate()
                for m, n, b in itertools.product(args.model, args.norm, args.batch_size)]
-    peak = peak_matmul_flops(device)
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    header = (f"{'model':<10} {'norm':<8} {'batch':>7} {'normlab img/s':>14} {'reference img/s':>16} "
-              f"{'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
+    # --amp / --no-amp time that precision only; by default both, each against its own peak
+    precisions = ("bf16",) if opts.amp else ("fp32",) if opts.amp is False else ("fp32", "bf16")
+    peaks = {p: peak_matmul_flops(device, dtype=PRECISIONS[p]) for p in precisions}
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; measured matmul "
+          f"peak " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in precisions))
+    print(describe_precision(*choose_amp(device, opts.amp)))
+    header = (f"{'model':<10} {'norm':<8} {'batch':>7} {'precision':>9} {'normlab img/s':>14} "
+              f"{'reference img/s':>16} {'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
     print(header)
     results, flops = [], {}
     for cfg in configs:
@@ -230,18 +241,23 @@ def cmd_bench(args) -> int:
         if key not in flops:
             flops[key] = training_flops_per_image(cfg.model, cfg.norm)
         r = bench_config(cfg, opts, args.steps, args.warmup, args.repeats, not args.no_reference,
-                         args.reference_workers)
+                         args.reference_workers, precisions)
         r["train_flops_per_image"] = flops[key]
-        r["achieved_flops"] = r["normlab_images_per_s"] * flops[key]
-        r["fraction_of_peak"] = r["achieved_flops"] / peak
+        for p, entry in r["precisions"].items():
+            entry["achieved_flops"] = entry["images_per_s"] * flops[key]
+            entry["fraction_of_peak"] = entry["achieved_flops"] / peaks[p]  # against its own peak
+        r["achieved_flops"] = r["precisions"][r["precision"]]["achieved_flops"]
+        r["fraction_of_peak"] = r["precisions"][r["precision"]]["fraction_of_peak"]
         results.append(r)
         batch = f"{cfg.batch_size}x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else str(cfg.batch_size)
         ref = f"{r['reference_images_per_s']:16.1f}" if "reference_images_per_s" in r else f"{'-':>16}"
-        speedup = f"{r['speedup']:8.2f}x" if "speedup" in r else f"{'-':>9}"
-        print(f"{cfg.model:<10} {cfg.norm:<8} {batch:>7} {r['normlab_images_per_s']:14.1f} {ref} {speedup} "
-              f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['fraction_of_peak']:6.1f}%", flush=True)
-    report = {"command": "normlab " + " ".join(args.argv),
-              "peak_matmul_flops": peak, "torch": torch.__version__, "results": results}
+        for p, entry in r["precisions"].items():
+            speedup = f"{entry['speedup']:8.2f}x" if "speedup" in entry else f"{'-':>9}"
+            print(f"{cfg.model:<10} {cfg.norm:<8} {batch:>7} {p:>9} {entry['images_per_s']:14.1f} {ref} "
+                  f"{speedup} {entry['achieved_flops'] / 1e9:8.1f} {100 * entry['fraction_of_peak']:6.1f}%",
+                  flush=True)
+    report = {"command": "normlab " + " ".join(args.argv), "peak_matmul_flops": peaks.get("fp32"),
+              "peak_matmul_flops_by_precision": peaks, "torch": torch.__version__, "results": results}
     if len(results) == 1:
         report.update({k: v for k, v in results[0].items()})
     if args.norm_layers:
@@ -304,7 +320,9 @@ def build_parser() -> Parser:
                        "normlab and of a reference pipeline written like the usual CIFAR scripts "
                        "(per-sample Dataset + DataLoader, fp32, NCHW, GN by the reshape formula), "
                        "timed alternately in one process, with the measured matmul peak and the "
-                       "model's counted training FLOPs. Quote the ratios: absolute times drift.")
+                       "model's counted training FLOPs. normlab is timed in fp32 and in bf16 autocast "
+                       "(each against the matmul peak of its own precision) unless --amp or --no-amp "
+                       "picks one. Quote the ratios: absolute times drift.")
     p.add_argument("--model", nargs="+", default=["resnet56"], help="(default: %(default)s)")
     p.add_argument("--norm", nargs="+", default=["bn", "gn:16"], help="(default: %(default)s)")
     p.add_argument("--batch-size", nargs="+", type=int, default=[32, 128], help="(default: %(default)s)")

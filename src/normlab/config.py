@@ -175,7 +175,7 @@ class RuntimeOptions:
     data_dir: str | None = None
     eval_batch_size: int = 1000
     channels_last: bool | None = None   # None: chosen per device
-    amp: bool | None = None             # None: bf16 autocast on CUDA, off on CPU
+    amp: bool | None = None             # None: bf16 autocast on CUDA and on CPUs with native bf16
     compile: bool = False
     checkpoint_minutes: float | None = None  # also checkpoint within an epoch this often
     progress: bool = True

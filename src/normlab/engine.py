@@ -26,6 +26,7 @@ from .data import Dataset, Normalizer, augment, load_dataset
 from .errors import NormlabError
 from .models import cifar_resnet
 from .norms import norm_layers, parse_norm, set_chunk_size
+from .precision import choose_amp
 
 # Set by the CLI's signal handlers: finish the current step, checkpoint, exit.
 STOP = threading.Event()
@@ -122,8 +123,8 @@ class Run:
         self.model.to(self.device, memory_format=memory_format)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.forward = torch.compile(self.model) if opts.compile else self.model
-        use_amp = opts.amp if opts.amp is not None else self.device.type == "cuda"
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp \
+        self.amp, self.amp_reason = choose_amp(self.device, opts.amp)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.amp \
             else contextlib.nullcontext
         self.normalize = Normalizer(self.data.mean, self.data.std, self.device)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -153,7 +154,7 @@ class Run:
             else f"{self.device} ({torch.cuda.get_device_name(self.device)})",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "normlab": __version__,
             "speed_options": {"channels_last": self.channels_last, "compile": self.opts.compile,
-                              "amp": self.autocast is not contextlib.nullcontext},
+                              "amp": self.amp, "amp_reason": self.amp_reason},
         }
 
     def write_status(self, state: str, **extra) -> None:
