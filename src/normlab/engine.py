@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import math
 import random
 import threading
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, rundir
+from . import __version__, checkpoint, rundir
 from .config import RunConfig, RuntimeOptions
 from .data import Dataset, Normalizer, augment, load_dataset
 from .errors import NormlabError
@@ -133,6 +132,7 @@ class Run:
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, wrong, n
         self.epoch_seconds = 0.0
         self.rows: list[dict] = []
+        self.resume_state: dict | None = None  # read by open(), applied by run()
 
     # -- the run directory -------------------------------------------------------------
     def describe(self) -> dict:
@@ -170,24 +170,18 @@ class Run:
             "sums": self.sums.cpu(), "epoch_seconds": self.epoch_seconds, "rows": self.rows,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(), "numpy_rng": checkpoint.numpy_state(),
             "config": self.cfg.to_dict(),
         }
 
     def save_checkpoint(self) -> None:
-        buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        rundir.atomic_write(self.dir / rundir.CHECKPOINT, buffer.getvalue())
+        checkpoint.save(self.dir / rundir.CHECKPOINT, self.state_dict())
 
     def load_checkpoint(self) -> bool:
-        path = self.dir / rundir.CHECKPOINT
-        if not path.exists():
+        """Restore the state that open() read and verified, if there was a checkpoint."""
+        state, self.resume_state = self.resume_state, None
+        if state is None:
             return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise NormlabError(f"{path} cannot be read ({type(err).__name__}); run again with "
-                               f"--force to start this run afresh (the old one is kept aside)") from None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.order = state["epoch"], state["step"], state["order"]
@@ -198,7 +192,7 @@ class Run:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        checkpoint.set_numpy_state(state["numpy_rng"])
         return True
 
     def open(self, force: bool = False) -> "rundir.RunLock":
@@ -210,19 +204,27 @@ class Run:
         lock = rundir.RunLock(self.dir)
         if not lock.acquire():
             raise RunBusy(str(self.dir))
+        rundir.remove_stale_temps(self.dir)  # left by a killed writer; we hold the lock
         existing = rundir.read_json(self.dir / rundir.CONFIG)
+        problem = None
         if existing and existing.get("config") != self.cfg.to_dict():
-            if not force:
-                lock.release()
-                changes = "; ".join(config_diff(existing.get("config") or {}, self.cfg.to_dict()))
-                raise NormlabError(f"{self.dir} holds a run with a different config ({changes}); "
-                                   f"use another --out, or --force to start afresh (the old run is "
-                                   f"kept aside)")
-            lock.release()
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            self.dir.rename(self.dir.with_name(f"{self.dir.name}.old-{stamp}"))
-            return self.open()
-        return lock
+            changes = "; ".join(config_diff(existing.get("config") or {}, self.cfg.to_dict()))
+            problem = (f"{self.dir} holds a run with a different config ({changes}); use another "
+                       f"--out, or --force to start afresh (the old run is kept aside)")
+        else:
+            try:  # read and verify the checkpoint now, before anything is written
+                path = self.dir / rundir.CHECKPOINT
+                self.resume_state = checkpoint.load(path) if path.exists() else None
+            except NormlabError as err:
+                problem = str(err)
+        if problem is None:
+            return lock
+        lock.release()
+        if not force:
+            raise NormlabError(problem)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.dir.rename(self.dir.with_name(f"{self.dir.name}.old-{stamp}"))
+        return self.open()
 
     # -- training -----------------------------------------------------------------------
     def train_step(self, index: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

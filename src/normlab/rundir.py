@@ -17,8 +17,10 @@ import fcntl
 import io
 import json
 import os
+import socket
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import NormlabError
@@ -26,18 +28,40 @@ from .errors import NormlabError
 CONFIG, METRICS, CHECKPOINT, STATUS, LOCK = (
     "config.json", "metrics.csv", "checkpoint.pt", "status.json", ".lock")
 FINISHED = ("done", "diverged")
+_HOST = socket.gethostname().replace(".", "_") or "host"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write data to path so that readers see the old file or the new one, never a mix."""
+    commit(stage(path, data), path)
+
+
+def stage(path: Path, data: bytes) -> Path:
+    """Write data, fsynced, to a temporary file beside path (named after this host and process,
+    so that remove_stale_temps knows whose it is); commit() puts it in place."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.",
+                                   suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+    except OSError as err:
+        raise _write_error(path, err) from None
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a staged file over path and make the rename durable (fsync of the directory)."""
+    path = Path(path)
+    try:
+        try:
+            _fault_point(path)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -48,10 +72,44 @@ def atomic_write(path: Path, data: bytes) -> None:
         finally:
             os.close(dir_fd)
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise NormlabError(f"no space left to write {path}; free disk space or choose another "
-                               f"--out, then run the same command again to resume") from None
-        raise NormlabError(f"cannot write {path} ({err.strerror}); choose a writable --out") from None
+        raise _write_error(path, err) from None
+
+
+def _write_error(path: Path, err: OSError) -> NormlabError:
+    if err.errno == errno.ENOSPC:
+        return NormlabError(f"no space left to write {path}; free disk space or choose another "
+                            f"--out, then run the same command again to resume")
+    return NormlabError(f"cannot write {path} ({err.strerror}); choose a writable --out")
+
+
+def _fault_point(path: Path) -> None:
+    """For the soak test (scripts/soak.py) only: NORMLAB_FAULT_WRITE_DELAY=S holds every write
+    S seconds between its temporary file and the rename, so that random kills land there."""
+    delay = os.environ.get("NORMLAB_FAULT_WRITE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temporary files that a killed process of this host left in directory (a live
+    process's, or another host's, are kept). Returns how many were removed."""
+    removed = 0
+    for tmp in Path(directory).glob(f".*.{_HOST}.*.tmp"):
+        pid = tmp.name[:-len(".tmp")].split(f".{_HOST}.", 1)[1].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, value) -> None:
