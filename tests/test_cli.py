@@ -70,3 +70,25 @@ def test_module_entry_point_has_no_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("normlab: error:") and "Traceback" not in result.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    # `normlab reproduce --dry-run | head`: the reader is gone before normlab writes
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", "reproduce", "--preset", "paper", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_output_that_is_not_a_terminal_has_no_progress_bar_but_a_line_per_run(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: p\nworkers: 1\nbase: {model: resnet8, epochs: 1, batch_size: 500}\n"
+                      "studies:\n  norms:\n    - {norm: [bn, 'gn:4']}\n")
+    result = subprocess.run([sys.executable, "-m", "normlab", "reproduce", "--preset", str(preset), "--out",
+                             str(tmp_path / "out"), "--threads", "1"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "img/s" not in result.stderr and "it/s" not in result.stderr
+    finished = [line for line in result.stdout.splitlines() if ": done, test error" in line]
+    assert len(finished) == 2

@@ -6,6 +6,7 @@ after writing a checkpoint (run the same command again to resume).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def runtime_options(args) -> RuntimeOptions:
     return RuntimeOptions(device=args.device, threads=args.threads, data_dir=args.data_dir,
                           channels_last=args.channels_last, amp=args.amp, compile=args.compile,
                           checkpoint_minutes=args.checkpoint_minutes,
-                          progress=not getattr(args, "quiet", False))
+                          progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
 
 
 def cmd_train(args) -> int:
@@ -283,7 +284,8 @@ def build_parser() -> Parser:
     add_run_options(p)
     add_runtime_options(p)
     p.add_argument("--out", default="runs", help="results directory (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr "
+                   "is not a terminal; the line per epoch is always printed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reproduce", help="run a study (a grid of runs) and write its report",
@@ -305,7 +307,8 @@ def build_parser() -> Parser:
                    "every run, e.g. --set epochs=164 --set schedule=multistep --set milestones=[82,123] "
                    "or --set virtual_gpus=1")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their cost in images")
-    p.add_argument("--quiet", action="store_true", help="no live display")
+    p.add_argument("--quiet", action="store_true", help="no live display (there is none when stderr "
+                   "is not a terminal; the line per finished run is always printed)")
     add_runtime_options(p)
     p.set_defaults(func=cmd_reproduce)
 
@@ -359,7 +362,46 @@ def install_signal_handlers() -> dict:
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
 
+class PipeSafe:
+    """stdout that survives its reader going away (`normlab ... | head`): the rest of the output
+    goes to /dev/null and the work goes on, instead of a BrokenPipeError traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._detach()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._detach()
+
+    def _detach(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
+    sys.stdout = PipeSafe(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()  # a reader gone by now must not cost a traceback at exit either
+        sys.stdout = stdout
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with benchmark results
