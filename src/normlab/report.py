@@ -12,6 +12,7 @@ otherwise it is inferred from the configs.
 from __future__ import annotations
 
 import collections
+import io
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,14 @@ def _plt():
     return plt
 
 
+def save_figure(plt, fig, path: Path) -> None:
+    """PNG written atomically, like every file of a results directory."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    rundir.atomic_write(path, buffer.getvalue())
+
+
 def norm_order(points: list[Point]) -> list[Point]:
     def key(p):
         spec = parse_norm(p.cfg.norm)
@@ -186,8 +195,7 @@ def plot_norm_curves(plt, points: list[Point], title: str, path: Path) -> None:
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_batch_sizes(plt, points: list[Point], title: str, path: Path) -> None:
@@ -214,8 +222,7 @@ def plot_batch_sizes(plt, points: list[Point], title: str, path: Path) -> None:
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_batch_curves(plt, points: list[Point], title: str, path: Path) -> None:
@@ -233,8 +240,7 @@ def plot_batch_curves(plt, points: list[Point], title: str, path: Path) -> None:
     axes[0][-1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_groups(plt, points: list[Point], title: str, path: Path) -> None:
@@ -268,8 +274,7 @@ def plot_groups(plt, points: list[Point], title: str, path: Path) -> None:
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # -- tables --------------------------------------------------------------------------------
@@ -335,6 +340,8 @@ def build_report(root: str | Path) -> Path:
     plt = _plt()
     figures = root / "figures"
     figures.mkdir(exist_ok=True)
+    for directory in (root, figures):
+        rundir.remove_stale_temps(directory)  # left by a report killed while writing
     members = membership(root, runs)
     study = rundir.read_json(root / "study.json") or {}
     md = [f"# normlab report: {study.get('name', root.name)}", ""]

@@ -199,6 +199,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, displ
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        rundir.remove_stale_temps(out)  # left by a study killed while writing study.json
         rundir.write_json(out / "study.json", {
             "name": study.name, "description": study.description,
             "studies": study.membership, "runs": {k: c.to_dict() for k, c in study.runs.items()}})
