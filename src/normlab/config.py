@@ -12,12 +12,13 @@ import json
 import math
 from dataclasses import dataclass
 
-from .data import DATA_CHOICES
+from .data import DATA_CHOICES, SIZES
 from .errors import NormlabError
 from .models import check_norm_fits, parse_model
 from .norms import canonical_norm, parse_norm
 
 SCHEDULES = ("step", "multistep", "cosine")
+MAX_EPOCHS = 10_000
 # RunConfig fields added after normlab 0.1. Left out of a config's dict (and so of its run id
 # and of the config check on resume) while at their defaults, so that every run of 0.1 keeps
 # its id and its results directory resumes: declare new fields with later(default).
@@ -102,8 +103,15 @@ class RunConfig:
             value = getattr(self, name)
             if value < 1:
                 raise NormlabError(f"{flag(name)} must be a positive whole number, got {value}")
+        if self.epochs > MAX_EPOCHS:
+            raise NormlabError(f"--epochs {self.epochs} is beyond any sensible run (He et al. train "
+                               f"164, the GN paper 100); use at most {MAX_EPOCHS}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NormlabError(f"{flag(f.name)} must be a finite number, got {value}")
         for name in ("base_lr",):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+            if not getattr(self, name) > 0:
                 raise NormlabError(f"{flag(name)} must be a positive number, got {getattr(self, name)}")
         for name in ("momentum", "weight_decay", "warmup_epochs", "val_split", "seed"):
             if getattr(self, name) < 0:
@@ -119,6 +127,14 @@ class RunConfig:
             raise NormlabError("the multistep schedule needs --milestones, e.g. --milestones 82 123")
         if self.data not in DATA_CHOICES:
             raise NormlabError(f"unknown data set '{self.data}'; use one of: {', '.join(DATA_CHOICES)}")
+        train_images = SIZES[self.data][0] - self.val_split
+        if train_images < 1:
+            raise NormlabError(f"--val-split {self.val_split} leaves no training images ({self.data} has "
+                               f"{SIZES[self.data][0]}); hold out fewer")
+        if self.images_per_step > train_images:
+            raise NormlabError(f"one step needs {self.images_per_step:,} images ({self.virtual_gpus} x "
+                               f"{self.batch_size}) but {self.data} has {train_images:,} training images; "
+                               f"lower --batch-size or --virtual-gpus")
         if self.shortcut.upper() not in ("A", "B"):
             raise NormlabError(f"unknown shortcut '{self.shortcut}'; use A or B")
         return self

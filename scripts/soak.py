@@ -1,0 +1,143 @@
+"""Soak test of crash safety: kill -9 a small study at random moments, many times, then check.
+
+    python scripts/soak.py --kills 100 --out /tmp/soak --json benchmarks/soak.json
+
+1. Runs the study once without interruption (the reference), and times a rerun of the finished
+   study (start-up plus the report: the shortest attempt there is).
+2. Runs the same study into another directory and kill -9s its whole process group at a random
+   moment of every attempt until --kills kills have landed, then lets it finish. Every write is
+   held NORMLAB_FAULT_WRITE_DELAY seconds between its temporary file and the rename, and
+   checkpoints are written every 0.3 s within epochs, so that many kills land in the middle of
+   checkpoint, metrics and report writes (counted from the temporary files a kill leaves).
+3. After every kill `normlab report` must succeed on the directory; at the end every run's
+   metrics must equal the reference's exactly (timing columns aside) and no temporary file may
+   be left. Exits 1 on any difference, 0 otherwise; --json records the result.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRESET = """name: soak
+description: the soak test's study (scripts/soak.py)
+workers: 1
+base: {model: resnet8, data: sample, epochs: 2, batch_size: 50, schedule: cosine}
+studies:
+  norms:
+    - {norm: [bn, "gn:4", ln]}
+"""
+TIMING = ("seconds", "images_per_s")
+
+
+def command(preset: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "normlab", "reproduce", "--preset", str(preset), "--out", str(out),
+            "--threads", "1", "--quiet", *extra]
+
+
+def metrics(out: Path) -> dict[str, list[dict]]:
+    from normlab import rundir
+    return {p.name: [{k: v for k, v in row.items() if k not in TIMING}
+                     for row in rundir.read_metrics(p / rundir.METRICS)]
+            for p in sorted(out.iterdir()) if (p / rundir.CONFIG).exists()}
+
+
+def temporaries(out: Path) -> list[Path]:
+    return sorted(out.rglob("*.tmp"))
+
+
+def written_file(tmp: Path) -> str:
+    """'.checkpoint.pt.<host>.<pid>.<random>.tmp' -> 'checkpoint.pt' (the file being written)."""
+    name = tmp.name[1:-len(".tmp")].rsplit(".", 3)[0]
+    return "a figure (.png)" if name.endswith(".png") else name
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=100, help="kill -9s to land (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="working directory (default: a new temporary one)")
+    parser.add_argument("--seed", type=int, default=0, help="of the kill times (default: %(default)s)")
+    parser.add_argument("--write-delay", type=float, default=0.05,
+                        help="seconds every write is held before its rename (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args()
+    from normlab.report import build_report
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="normlab-soak-"))
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    preset = work / "soak.yaml"
+    preset.write_text(PRESET)
+    ref, out = work / "reference", work / "killed"
+    started = time.monotonic()
+
+    t = time.monotonic()
+    subprocess.run(command(preset, ref), check=True, stdout=subprocess.DEVNULL)
+    whole = time.monotonic() - t
+    t = time.monotonic()
+    subprocess.run(command(preset, ref), check=True, stdout=subprocess.DEVNULL)
+    noop = time.monotonic() - t  # start-up + report: every attempt takes at least this
+    print(f"reference study {whole:.1f} s; a rerun of the finished study {noop:.1f} s", flush=True)
+
+    env = {**os.environ, "NORMLAB_FAULT_WRITE_DELAY": str(args.write_delay)}
+    rng = random.Random(args.seed)
+    kills, attempts, mid_write, report_failures = 0, 0, collections.Counter(), []
+    while True:
+        attempts += 1
+        proc = subprocess.Popen(command(preset, out, "--checkpoint-every", "0.005"), env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a moment anywhere from the middle of start-up to a little past it: each attempt
+        # advances the study by a second or so, so that the kills spread over all of it
+        deadline = rng.uniform(0.5, 1.0) * noop + rng.uniform(0.0, 1.5) if kills < args.kills else None
+        try:
+            proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            for tmp in temporaries(out):
+                mid_write[written_file(tmp)] += 1
+            if any(out.glob("*/config.json")):
+                try:
+                    build_report(out)
+                except Exception as err:  # the report must read the directory after any kill
+                    report_failures.append(f"after kill {kills}: {type(err).__name__}: {err}")
+            if kills % 10 == 0:
+                print(f"{kills} kills, {attempts} attempts, killed mid-write: {dict(mid_write)}", flush=True)
+            continue
+        if proc.returncode != 0:
+            print(f"attempt {attempts} failed with exit code {proc.returncode}: "
+                  f"{proc.stderr.read().decode().strip()}", file=sys.stderr)
+            return 1
+        break
+
+    got, want = metrics(out), metrics(ref)
+    differences = [name for name in want if got.get(name) != want[name]]
+    left = [str(p) for p in temporaries(out)]
+    result = {
+        "command": "python scripts/soak.py " + " ".join(sys.argv[1:]),
+        "kills": kills, "attempts": attempts, "runs": len(want),
+        "killed_mid_write": dict(mid_write),
+        "runs_with_different_metrics": differences, "report_failures": report_failures,
+        "temporary_files_left": left, "reference_study_seconds": round(whole, 1),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "passed": not differences and not report_failures and not left and len(got) == len(want),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
