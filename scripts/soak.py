@@ -5,7 +5,9 @@
 1. Runs the study once without interruption (the reference), and times a rerun of the finished
    study (start-up plus the report: the shortest attempt there is).
 2. Runs the same study into another directory and kill -9s its whole process group at a random
-   moment of every attempt until --kills kills have landed, then lets it finish. Every write is
+   moment of every attempt until --kills kills have landed, then lets it finish. If the study
+   finishes first, the attempts go on: each reruns the finished study (which rebuilds the
+   report) and is killed during start-up or the report's writes. Every write is
    held NORMLAB_FAULT_WRITE_DELAY seconds between its temporary file and the rename, and
    checkpoints are written every 0.3 s within epochs, so that many kills land in the middle of
    checkpoint, metrics and report writes (counted from the temporary files a kill leaves).
@@ -92,13 +94,19 @@ def main() -> int:
     env = {**os.environ, "NORMLAB_FAULT_WRITE_DELAY": str(args.write_delay)}
     rng = random.Random(args.seed)
     kills, attempts, mid_write, report_failures = 0, 0, collections.Counter(), []
+    finished_early = 0
     while True:
         attempts += 1
         proc = subprocess.Popen(command(preset, out, "--checkpoint-every", "0.005"), env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # a moment anywhere from the middle of start-up to a little past it: each attempt
         # advances the study by a second or so, so that the kills spread over all of it
-        deadline = rng.uniform(0.5, 1.0) * noop + rng.uniform(0.0, 1.5) if kills < args.kills else None
+        if kills >= args.kills:
+            deadline = None  # enough kills: let it finish
+        elif finished_early:
+            deadline = rng.uniform(0.3, 1.0) * noop  # in start-up or in the report's writes
+        else:
+            deadline = rng.uniform(0.5, 1.0) * noop + rng.uniform(0.0, 1.5)
         try:
             proc.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
@@ -119,7 +127,9 @@ def main() -> int:
             print(f"attempt {attempts} failed with exit code {proc.returncode}: "
                   f"{proc.stderr.read().decode().strip()}", file=sys.stderr)
             return 1
-        break
+        if kills >= args.kills:
+            break
+        finished_early += 1  # every run is done: later attempts rebuild the report, and are killed there
 
     got, want = metrics(out), metrics(ref)
     differences = [name for name in want if got.get(name) != want[name]]
@@ -127,6 +137,7 @@ def main() -> int:
     result = {
         "command": "python scripts/soak.py " + " ".join(sys.argv[1:]),
         "kills": kills, "attempts": attempts, "runs": len(want),
+        "attempts_that_finished_before_the_last_kill": finished_early,
         "killed_mid_write": dict(mid_write),
         "runs_with_different_metrics": differences, "report_failures": report_failures,
         "temporary_files_left": left, "reference_study_seconds": round(whole, 1),
