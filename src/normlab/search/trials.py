@@ -164,7 +164,7 @@ class Search:
             if observe(run.rows):
                 raise Pruned(str(run_dir))
 
-        say(f"{name}: {'resuming' if reported else 'starting'} ({run_dir.name})")
+        say(f"{name}: {'resuming' if (run_dir / rundir.CHECKPOINT).exists() else 'starting'} ({run_dir.name})")
         # A process killed between a report and the pruner's decision left that decision
         # unmade: make it now (a no-op when it was made).
         pruned = bool(competes and reported and max(reported) < spec.epochs and decide())

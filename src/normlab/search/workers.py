@@ -39,17 +39,25 @@ def _worker(out: Path, spec: SearchSpec, opts: RuntimeOptions, force: bool, quie
 def run_workers(out: Path, spec: SearchSpec, opts: RuntimeOptions, workers: int, force: bool,
                 quiet: bool) -> tuple[str, Search]:
     """Work on the search in this process and workers - 1 spawned ones (CPU threads split
-    between them); ('done' when every trial is finished, else 'interrupted', the search)."""
-    threads = opts.threads or max(1, (os.cpu_count() or 1) // workers)
-    opts = dataclasses.replace(opts, threads=threads, progress=False)
+    between them, GPUs shared out in turn); ('done' when every trial is finished, else 'interrupted', the search)."""
+    gpus = 0
+    if opts.device in ("auto", "cuda"):
+        import torch
+        gpus = torch.cuda.device_count()
+    threads = opts.threads or (None if gpus else max(1, (os.cpu_count() or 1) // workers))
+
+    def options(i: int) -> RuntimeOptions:  # one GPU each, in turn, when there are several
+        device = f"cuda:{(i - 1) % gpus}" if gpus > 1 else opts.device
+        return dataclasses.replace(opts, device=device, threads=threads, progress=False)
+
     search = Search(out, spec)  # creates the search once, before the workers start
     context = multiprocessing.get_context("spawn")
-    others = [context.Process(target=_worker, args=(out, spec, opts, force, quiet, i), daemon=False)
+    others = [context.Process(target=_worker, args=(out, spec, options(i), force, quiet, i))
               for i in range(2, workers + 1)]
     for process in others:
         process.start()
     try:
-        state = search.work(opts, force, printer(quiet, "[worker 1] " if others else ""))
+        state = search.work(options(1), force, printer(quiet, "[worker 1] " if others else ""))
     finally:
         if STOP.is_set():  # forward a stop (SIGTERM to this process only) to the workers
             for process in others:
