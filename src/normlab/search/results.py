@@ -5,7 +5,6 @@ directories (errors per epoch); the test set is read once, for the winner.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import rundir
@@ -155,10 +154,3 @@ def write(search: Search, result: dict) -> tuple[Path, Path]:
     rundir.write_json(out / JSON_FILE, to_json(result))
     rundir.atomic_write(out / MARKDOWN_FILE, text(result).encode())
     return out / JSON_FILE, out / MARKDOWN_FILE
-
-
-def read(out: Path) -> dict | None:
-    try:
-        return json.loads((Path(out) / JSON_FILE).read_text())
-    except (OSError, ValueError):
-        return None
