@@ -7,6 +7,7 @@ normalized per channel. No per-sample Python, no loader processes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import lzma
@@ -112,12 +113,23 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_split: int =
 
 def load_sample() -> tuple[Split, Split]:
     """The bundled class-balanced sample of the real CIFAR-10 (see scripts/make_sample.py)."""
+    arrays = _sample_arrays()
+    return (Split(torch.tensor(arrays["train_images"]), torch.tensor(arrays["train_labels"]).long()),
+            Split(torch.tensor(arrays["test_images"]), torch.tensor(arrays["test_labels"]).long()))
+
+
+@functools.lru_cache(maxsize=1)
+def _sample_arrays() -> dict[str, np.ndarray]:
+    """The sample, decompressed once per process (lzma takes seconds; a process training many
+    short runs, such as a search worker, would pay it for each). Read-only: callers copy."""
     arrays = np.load(io.BytesIO(lzma.decompress(SAMPLE_FILE.read_bytes())))
-    # Stored as differences along each image row (compresses better); undo with a cumsum.
-    def decode(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.cumsum(arrays[key], axis=-1, dtype=np.uint8))
-    return (Split(decode("train_images"), torch.from_numpy(arrays["train_labels"]).long()),
-            Split(decode("test_images"), torch.from_numpy(arrays["test_labels"]).long()))
+    out = {}
+    for key in arrays.files:
+        # Images are stored as differences along each row (compresses better); undo with a cumsum.
+        value = np.cumsum(arrays[key], axis=-1, dtype=np.uint8) if key.endswith("images") else arrays[key]
+        value.setflags(write=False)
+        out[key] = value
+    return out
 
 
 def find_folder(source: Source, data_dir: str | Path | None, download: bool) -> Path:
