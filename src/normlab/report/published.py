@@ -85,14 +85,14 @@ def batch_rows(published: list[Published], norms: list[str], sizes: list[int], n
         for norm in norms:
             theirs = theirs_gn if family(norm) == "gn" else norm
             values = [find(numbers, theirs, s) if theirs else None for s in sizes]
-            if sum(v is not None for v in values) >= 1 and (family(norm) != "gn" or norm == gn):
+            if any(values) and (family(norm) != "gn" or norm == gn):
                 mine[theirs] = values
-        if not any(sum(v is not None for v in values) >= 2 for values in mine.values()):
-            continue  # one number is not a batch-size curve; the norms table shows it
+        if not mine:
+            continue
         name = notes.mark(numbers[0])
         for theirs, values in mine.items():
             rows.append([f"{name}: {label(theirs)}"] + [v.text() if v else "-" for v in values])
-        if "bn" in mine and theirs_gn in mine:
+        if "bn" in mine and theirs_gn in mine and any(a and b for a, b in zip(mine["bn"], mine[theirs_gn])):
             diffs = [f"{a.error - b.error:+.1f}" if a and b else "-" for a, b in zip(mine["bn"], mine[theirs_gn])]
             rows.append([f"{name}: BN − {label(theirs_gn)}"] + diffs)
     return rows
