@@ -149,40 +149,52 @@ def test_one_seed_is_said_plainly(tmp_path):
     assert re.search(r"\| BN \| 7\.\d\d \| 13\.\d\d \| (19|20)\.\d\d \|", section)
 
 
-def test_load_results_and_the_tidy_files(tmp_path, monkeypatch):
-    pandas = pytest.importorskip("pandas")
+def test_tidy_files_and_load_results_without_pandas(tmp_path, monkeypatch):
     root = study(tmp_path / "r", {("norms", "bn", 32): 7.5, ("norms", "gn:16", 32): 9.5}, seeds=2)
     build_report(root)
-    runs = pandas.read_csv(root / "results.csv")
-    curves = pandas.read_csv(root / "curves.csv")
+    with open(root / "results.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    with open(root / "curves.csv", newline="") as f:
+        curves = list(csv.DictReader(f))
     assert len(runs) == 4 and len(curves) == 4 * 6
     assert {"run_id", "model", "norm", "batch_size", "virtual_gpus", "seed", "lr", "state", "studies",
-            "final_test_error", "norm_label", "groups"} <= set(runs.columns)
-    assert runs["final_test_error"].dtype.kind == "f" and runs["batch_size"].dtype.kind == "i"
-    by_norm = runs.groupby("norm")["final_test_error"].mean()
-    assert abs(by_norm["bn"] - 7.5) < 0.11 and abs(by_norm["gn:16"] - 9.5) < 0.11
-    assert set(curves.columns) >= {"run_id", "epoch", "train_error", "test_error", "lr"}
-    loaded = normlab.load_results(root)
-    pandas.testing.assert_frame_equal(loaded.runs, runs)
-    pandas.testing.assert_frame_equal(loaded.curves, curves)
-    # without pandas: lists of dicts, typed
-    monkeypatch.setitem(sys.modules, "pandas", None)
-    plain = load_results(root)
+            "final_test_error", "norm_label", "groups"} <= set(runs[0])
+    assert {"run_id", "epoch", "train_error", "test_error", "lr"} <= set(curves[0])
+    for row in runs:  # the summary is the run's own
+        status = rundir.read_json(root / row["path"] / rundir.STATUS)
+        assert float(row["final_test_error"]) == pytest.approx(status["summary"]["median_final5_test_error"])
+        assert row["studies"] == "norms" and row["state"] == "done"
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
+    plain = normlab.load_results(root)
     assert isinstance(plain.runs, list) and len(plain.runs) == 4 and len(plain.curves) == 24
     row = plain.runs[0]
     assert isinstance(row["batch_size"], int) and isinstance(row["final_test_error"], float)
     assert row["zero_init_residual"] is True and row["groups"] in (None, 16)
-    # the csv files alone (copied away from the run directories) load too
+    # the csv files alone (copied away from the run directories) load the same
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in ("results.csv", "curves.csv"):
         (copy / name).write_bytes((root / name).read_bytes())
-    assert load_results(copy).runs == plain.runs
+    assert load_results(copy) == plain
     (tmp_path / "empty").mkdir()
     with pytest.raises(NormlabError, match="no runs"):
         load_results(tmp_path / "empty")
     with pytest.raises(NormlabError, match="not a directory"):
         load_results(tmp_path / "nowhere")
+
+
+def test_pandas_reads_the_tidy_files_as_they_are(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    root = study(tmp_path / "r", {("norms", "bn", 32): 7.5, ("norms", "gn:16", 32): 9.5}, seeds=2)
+    build_report(root)
+    runs, curves = pandas.read_csv(root / "results.csv"), pandas.read_csv(root / "curves.csv")
+    assert runs["final_test_error"].dtype.kind == "f" and runs["batch_size"].dtype.kind == "i"
+    assert runs["zero_init_residual"].dtype.kind == "b" and curves["epoch"].dtype.kind == "i"
+    by_norm = runs.groupby("norm")["final_test_error"].mean()
+    assert abs(by_norm["bn"] - 7.5) < 0.11 and abs(by_norm["gn:16"] - 9.5) < 0.11
+    loaded = normlab.load_results(root)
+    pandas.testing.assert_frame_equal(loaded.runs, runs)
+    pandas.testing.assert_frame_equal(loaded.curves, curves)
 
 
 def test_damaged_run_directories_are_skipped_with_one_warning_each(tmp_path, capsys):
@@ -289,10 +301,9 @@ def test_a_real_study_reports_with_intervals(tmp_path, cifar_fixture, capsys):
     text = (out / "report.md").read_text()
     assert "## Findings" in text and "BN's error rises as the batch shrinks (20 → 4)" in text
     assert re.search(r"\| BN \| \d+\.\d\d ± \d+\.\d\d \[", text)
-    results = load_results(out)
-    runs = results.runs if isinstance(results.runs, list) else results.runs.to_dict("records")
-    assert len(runs) == 8 and {r["state"] for r in runs} == {"done"}
-    assert {r["seed"] for r in runs} == {0, 1}
+    with open(out / "results.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 8 and {r["state"] for r in runs} == {"done"} and {r["seed"] for r in runs} == {"0", "1"}
     for r in runs:  # the csv's summary is the run's own
         status = rundir.read_json(out / r["path"] / rundir.STATUS)
-        assert r["final_test_error"] == pytest.approx(status["summary"]["median_final5_test_error"])
+        assert float(r["final_test_error"]) == pytest.approx(status["summary"]["median_final5_test_error"])

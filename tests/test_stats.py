@@ -58,3 +58,10 @@ def test_contrast_of_four_groups_is_a_difference_of_differences():
     # one group with a single value: no interval
     assert not contrast([(1, [1.0]), (-1, [2.0, 3.0])]).has_interval
     assert format_difference(difference([2.0], [1.0])) == "+1.00"
+
+
+def test_half_width_in_standard_deviations():
+    from normlab.stats import half_width
+    s = summarize([1.0, 2.0, 4.0])
+    assert s.high - s.mean == pytest.approx(half_width(3) * s.std)
+    assert half_width(2) > half_width(3) > half_width(5) > 1.96 / math.sqrt(5)

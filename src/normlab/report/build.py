@@ -77,7 +77,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     md += findings.section(found_claims, untested)
     md += ["## Setup", ""] + setup_lines(runs) + [
         f"- tidy results: `{tidy.RESULTS}` (one row per run) and `{tidy.CURVES}` (one row per run "
-        f"and epoch) beside this file; `normlab.load_results(\"{root.name}\")` reads them", ""]
+        f"and epoch) beside this file; `normlab.load_results(\"{root}\")` reads them", ""]
     md += body
     path = root / "report.md"
     rundir.atomic_write(path, "\n".join(md).encode())

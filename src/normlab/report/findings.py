@@ -18,6 +18,7 @@ from ..stats import Summary, contrast, difference, format_difference, format_sum
 from .labels import family, label, sweep_value
 from .published import short_setting, sweep_gn
 from .runs import Point
+from .tables import table
 
 AGREES, DISAGREES, INCONCLUSIVE = "agrees", "disagrees", "inconclusive"
 FLAT_MARGIN = 1.0  # points of error: a change smaller than this counts as flat
@@ -122,106 +123,21 @@ def sweep(points: list[Point], key: str) -> dict[int, Point]:
     return {sweep_value(n, key): p for (n, _), p in cells.items()}
 
 
-def findings(model: str, batch_points: list[Point], group_points: list[Point],
-             published: list[Published]) -> tuple[list[Finding], list[str]]:
-    """The findings for one model, and the claims these runs cannot test (with why)."""
-    out, untested = [], []
-    cells = by_norm_batch([p for p in batch_points if p.finals])
-    gn = gn_of(cells)
-    bn_sizes = sorted(b for n, b in cells if n == "bn")
-    gn_sizes = sorted(b for n, b in cells if n == gn)
-    both = sorted(set(bn_sizes) & set(gn_sizes))
-    refs = list(settings(published).values())
+@dataclass
+class Evidence:
+    """What one model's runs offer the claims, and the published numbers per setting."""
+    model: str
+    cells: dict[tuple[str, int], Point]   # (norm, batch) -> point, from the batch-size and norms studies
+    gn: str | None                         # the GN variant compared with BN
+    sweeps: dict[str, dict[int, Point]]    # 'groups' / 'per_group' -> value -> point
+    refs: list[list[Published]]            # the published numbers, one list per setting
 
-    def add(claim, sources, numbers, verdict):
-        out.append(Finding(claim, "; ".join(sources) or "-", model, numbers, *verdict))
+    def sizes(self) -> list[int]:
+        """Batch sizes with both BN and GN results."""
+        return sorted({b for n, b in self.cells if n == "bn"} & {b for n, b in self.cells if n == self.gn})
 
-    # 1. BN ahead of GN at batch 32
-    claim = "BN is ahead of GN at batch 32 (lower error)"
-    if 32 in both:
-        bn, g = cells[("bn", 32)], cells[(gn, 32)]
-        d = difference(g.finals, bn.finals)
-        sources = [f"{short_setting(r[0])}: BN {a.text()}, {label(b.norm)} {b.text()}"
-                   for r in refs for a, b in [(find(r, "bn", 32), find(r, sweep_gn(r) or "", 32))] if a and b]
-        add(claim, sources, f"BN {fmt(bn)}; {label(gn)} {fmt(g)}; GN − BN {format_difference(d)}",
-            sign_verdict(d, +1))
-    else:
-        untested.append(f"{claim}: no BN and GN runs at batch 32")
-
-    large, small = (max(both), min(both)) if len(both) >= 2 else (None, None)
-    if large is None:
-        untested.append("BN degrades, GN stays flat and BN − GN grows as the batch shrinks: "
-                        "needs BN and GN at two or more batch sizes (the batch-size study)")
-    else:
-        bl, bs, gl, gs = (cells[k] for k in (("bn", large), ("bn", small), (gn, large), (gn, small)))
-        # 2. BN degrades
-        d = difference(bs.finals, bl.finals)
-        sources = [f"{short_setting(r[0])}: BN {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
-                   for r in refs for a, b in [ends(r, "bn")] if a]
-        sources += said("bn-degrades", refs)
-        add(f"BN's error rises as the batch shrinks ({large} → {small})", sources,
-            f"BN {fmt(bl)} at {large}, {fmt(bs)} at {small}; change {format_difference(d)}",
-            sign_verdict(d, +1))
-        # 3. GN flat
-        d = difference(gs.finals, gl.finals)
-        sources = [f"{short_setting(r[0])}: {label(a.norm)} {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
-                   for r in refs for a, b in [ends(r, sweep_gn(r))] if a]
-        sources += said("gn-flat", refs)
-        add(f"GN's error stays flat as the batch shrinks (within ± {n_points(FLAT_MARGIN)})", sources,
-            f"{label(gn)} {fmt(gl)} at {large}, {fmt(gs)} at {small}; change {format_difference(d)}",
-            flat_verdict(d))
-        # 4. BN − GN grows
-        c = contrast([(1, bs.finals), (-1, gs.finals), (-1, bl.finals), (1, gl.finals)])
-        per_batch = ", ".join(f"{format_difference(difference(cells[('bn', b)].finals, cells[(gn, b)].finals))} at {b}"
-                              for b in sorted(both, reverse=True))
-        sources = []
-        for r in refs:
-            (a, b), g = ends(r, "bn"), sweep_gn(r)
-            if a and g and find(r, g, a.batch_size) and find(r, g, b.batch_size):
-                sources.append(f"{short_setting(a)}: BN − {label(g)} {a.error - find(r, g, a.batch_size).error:+.1f} "
-                               f"at {a.batch_size} → {b.error - find(r, g, b.batch_size).error:+.1f} at {b.batch_size}")
-        add("The gap BN − GN grows as the batch shrinks", sources,
-            f"BN − {label(gn)}: {per_batch}; growth {format_difference(c)}", sign_verdict(c, +1))
-
-    # 5-7. group count and channels per group
-    for key, what, unit in (("groups", "group count", "G = {}"), ("per_group", "channels per group", "{} channels per group")):
-        mine = sweep(group_points, key)
-        claimed = collections.defaultdict(list)
-        for r in refs:
-            theirs = sorted((sweep_value(p.norm, key), p) for p in r if p.batch_size == 32 and sweep_value(p.norm, key))
-            if len(theirs) >= 2:
-                best = min(theirs, key=lambda vp: vp[1].error)
-                claimed[best[0]].append(f"{short_setting(r[0])}: best {unit.format(best[0])} ({best[1].text()}) "
-                                        f"of {', '.join(str(v) for v, _ in theirs)}")
-        for value, sources in claimed.items():
-            claim = f"{unit.format(value)} is the best {what}"
-            if value not in mine or len(mine) < 2:
-                untested.append(f"{claim}: the study has no {what} sweep with {unit.format(value)}")
-                continue
-            top = min(mine, key=lambda v: mine[v].summary().mean)
-            add(claim, sources, "; ".join(f"{unit.format(v)}: {fmt(p)}" for v, p in sorted(mine.items()))
-                + f"; lowest: {unit.format(top)}", best_verdict(value, mine, unit.format))
-        if key == "groups":  # 6. fewer groups do worse
-            claim = "Fewer groups do worse (the fewest groups tested against the most)"
-            if len(mine) < 2:
-                untested.append(f"{claim}: needs a group sweep")
-                continue
-            lo, hi = min(mine), max(mine)
-            d = difference(mine[lo].finals, mine[hi].finals)
-            sources = []
-            for r in refs:
-                theirs = sorted((sweep_value(p.norm, key), p) for p in r if p.batch_size == 32 and sweep_value(p.norm, key))
-                if len(theirs) >= 2:
-                    sources.append(f"{short_setting(r[0])}: G = {theirs[0][0]} {theirs[0][1].text()}, "
-                                   f"G = {theirs[-1][0]} {theirs[-1][1].text()}")
-            add(claim, sources, f"G = {lo}: {fmt(mine[lo])}; G = {hi}: {fmt(mine[hi])}; "
-                f"difference {format_difference(d)}", sign_verdict(d, +1))
-    return out, untested
-
-
-def said(claim: str, refs: list[list[Published]]) -> list[str]:
-    source, text = SAID[claim]
-    return [text] if any(r[0].source == source for r in refs) else []
+    def finding(self, claim, sources, numbers, verdict) -> Finding:
+        return Finding(claim, "; ".join(sources) or "-", self.model, numbers, *verdict)
 
 
 def ends(numbers: list[Published], norm: str | None) -> tuple[Published | None, Published | None]:
@@ -230,9 +146,125 @@ def ends(numbers: list[Published], norm: str | None) -> tuple[Published | None, 
     return (mine[0], mine[-1]) if len(mine) >= 2 else (None, None)
 
 
+def said(claim: str, refs: list[list[Published]]) -> list[str]:
+    source, text = SAID[claim]
+    return [text] if any(r[0].source == source for r in refs) else []
+
+
+def published_sweep(numbers: list[Published], key: str) -> list[tuple[int, Published]]:
+    return sorted((sweep_value(p.norm, key), p) for p in numbers if p.batch_size == 32 and sweep_value(p.norm, key))
+
+
+# Each claim takes the evidence and returns findings, or strings: claims it cannot test, and why.
+def bn_ahead(ev: Evidence) -> list:
+    claim = "BN is ahead of GN at batch 32 (lower error)"
+    if 32 not in ev.sizes():
+        return [f"{claim}: no BN and GN runs at batch 32"]
+    bn, gn = ev.cells[("bn", 32)], ev.cells[(ev.gn, 32)]
+    d = difference(gn.finals, bn.finals)
+    sources = []
+    for r in ev.refs:
+        a, b = find(r, "bn", 32), find(r, sweep_gn(r) or "", 32)
+        if a and b:
+            sources.append(f"{short_setting(a)}: BN {a.text()}, {label(b.norm)} {b.text()}")
+    return [ev.finding(claim, sources, f"BN {fmt(bn)}; {label(ev.gn)} {fmt(gn)}; GN − BN {format_difference(d)}",
+                       sign_verdict(d, +1))]
+
+
+def batch_trends(ev: Evidence) -> list:
+    """BN degrades, GN stays flat, and BN − GN grows, from the largest batch to the smallest."""
+    sizes = ev.sizes()
+    if len(sizes) < 2:
+        return ["BN degrades, GN stays flat and BN − GN grows as the batch shrinks: needs BN and GN "
+                "at two or more batch sizes (the batch-size study)"]
+    large, small = max(sizes), min(sizes)
+    bl, bs, gl, gs = (ev.cells[k] for k in (("bn", large), ("bn", small), (ev.gn, large), (ev.gn, small)))
+    out = []
+    d = difference(bs.finals, bl.finals)
+    sources = [f"{short_setting(a)}: BN {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
+               for a, b in (ends(r, "bn") for r in ev.refs) if a]
+    out.append(ev.finding(f"BN's error rises as the batch shrinks ({large} → {small})",
+                          sources + said("bn-degrades", ev.refs),
+                          f"BN {fmt(bl)} at {large}, {fmt(bs)} at {small}; change {format_difference(d)}",
+                          sign_verdict(d, +1)))
+    d = difference(gs.finals, gl.finals)
+    sources = [f"{short_setting(a)}: {label(a.norm)} {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
+               for a, b in (ends(r, sweep_gn(r)) for r in ev.refs) if a]
+    out.append(ev.finding(f"GN's error stays flat as the batch shrinks (within ± {n_points(FLAT_MARGIN)})",
+                          sources + said("gn-flat", ev.refs),
+                          f"{label(ev.gn)} {fmt(gl)} at {large}, {fmt(gs)} at {small}; change {format_difference(d)}",
+                          flat_verdict(d)))
+    growth = contrast([(1, bs.finals), (-1, gs.finals), (-1, bl.finals), (1, gl.finals)])
+    gaps = ", ".join(f"{format_difference(difference(ev.cells[('bn', b)].finals, ev.cells[(ev.gn, b)].finals))} at {b}"
+                     for b in reversed(sizes))
+    sources = []
+    for r in ev.refs:
+        (a, b), g = ends(r, "bn"), sweep_gn(r)
+        ga, gb = (find(r, g, a.batch_size), find(r, g, b.batch_size)) if a and g else (None, None)
+        if ga and gb:
+            sources.append(f"{short_setting(a)}: BN − {label(g)} {a.error - ga.error:+.1f} at {a.batch_size} "
+                           f"→ {b.error - gb.error:+.1f} at {b.batch_size}")
+    out.append(ev.finding("The gap BN − GN grows as the batch shrinks", sources,
+                          f"BN − {label(ev.gn)}: {gaps}; growth {format_difference(growth)}",
+                          sign_verdict(growth, +1)))
+    return out
+
+
+def best_setting(key: str, what: str, unit: str):
+    """The claims 'S is the best <what>', one per best setting a source reports at batch 32."""
+    def claims(ev: Evidence) -> list:
+        mine, out = ev.sweeps[key], []
+        claimed = collections.defaultdict(list)
+        for r in ev.refs:
+            theirs = published_sweep(r, key)
+            if len(theirs) >= 2:
+                value, best = min(theirs, key=lambda vp: vp[1].error)
+                claimed[value].append(f"{short_setting(best)}: best {unit.format(value)} ({best.text()}) "
+                                      f"of {', '.join(str(v) for v, _ in theirs)}")
+        for value, sources in claimed.items():
+            claim = f"{unit.format(value)} is the best {what}"
+            if value not in mine or len(mine) < 2:
+                out.append(f"{claim}: the study has no {what} sweep with {unit.format(value)}")
+                continue
+            top = min(mine, key=lambda v: mine[v].summary().mean)
+            numbers = "; ".join(f"{unit.format(v)}: {fmt(p)}" for v, p in sorted(mine.items()))
+            out.append(ev.finding(claim, sources, f"{numbers}; lowest: {unit.format(top)}",
+                                  best_verdict(value, mine, unit.format)))
+        return out
+    return claims
+
+
+def fewer_groups_worse(ev: Evidence) -> list:
+    claim = "Fewer groups do worse (the fewest groups tested against the most)"
+    mine = ev.sweeps["groups"]
+    if len(mine) < 2:
+        return [f"{claim}: needs a group sweep (the groups study)"]
+    lo, hi = min(mine), max(mine)
+    d = difference(mine[lo].finals, mine[hi].finals)
+    sources = [f"{short_setting(theirs[0][1])}: G = {theirs[0][0]} {theirs[0][1].text()}, "
+               f"G = {theirs[-1][0]} {theirs[-1][1].text()}"
+               for theirs in (published_sweep(r, "groups") for r in ev.refs) if len(theirs) >= 2]
+    return [ev.finding(claim, sources, f"G = {lo}: {fmt(mine[lo])}; G = {hi}: {fmt(mine[hi])}; "
+                       f"difference {format_difference(d)}", sign_verdict(d, +1))]
+
+
+# the claims, in the report's order
+CLAIMS = (bn_ahead, batch_trends, best_setting("groups", "group count", "G = {}"), fewer_groups_worse,
+          best_setting("per_group", "channels per group", "{} channels per group"))
+
+
+def findings(model: str, batch_points: list[Point], group_points: list[Point],
+             published: list[Published]) -> tuple[list[Finding], list[str]]:
+    """The findings for one model, and the claims these runs cannot test (with why)."""
+    cells = by_norm_batch([p for p in batch_points if p.finals])
+    ev = Evidence(model, cells, gn_of(cells), {k: sweep(group_points, k) for k in ("groups", "per_group")},
+                  list(settings(published).values()))
+    results = [item for claim in CLAIMS for item in claim(ev)]
+    return [r for r in results if isinstance(r, Finding)], [r for r in results if isinstance(r, str)]
+
+
 def section(all_findings: list[Finding], untested: list[str]) -> list[str]:
     """The findings section of report.md."""
-    from .tables import table
     md = ["## Findings", "",
           "Each claim of the implementation report (CIFAR-10) and of the GN paper (ImageNet) that "
           "these runs can test, with this study's numbers: the median test error (%) of the final "

@@ -98,8 +98,8 @@ def load_runs(root: Path, warn: Warn = warn_stderr) -> list[Run]:
         try:
             runs.append(read_run(path, warn))
         except DamagedRun as err:
-            warn(f"skipping {path}: {err}; repair or move that directory (normlab train --force "
-                 f"trains the run afresh)")
+            warn(f"skipping {path}: {err}; repair that directory, or move it away and run the "
+                 f"study again to retrain the run")
         except FileNotFoundError:
             continue  # removed while we were reading
     return runs

@@ -4,9 +4,9 @@ from __future__ import annotations
 import collections
 
 from ..config import RunConfig
-from ..stats import format_summary
+from ..stats import format_summary, half_width
 from .labels import label, sort_key
-from .runs import Point, Run
+from .runs import Point, Run, group_points
 
 NUMBER = "median of the final 5 epochs"
 
@@ -48,7 +48,6 @@ def describe_schedule(cfg: RunConfig) -> str:
 
 def seeds_per_point(runs: list[Run]) -> collections.Counter:
     """How many points have 1, 2, ... finished seeds."""
-    from .runs import group_points
     return collections.Counter(len(p.finals) for p in group_points(runs).values() if p.finals)
 
 
@@ -65,6 +64,9 @@ def setup_lines(runs: list[Run]) -> list[str]:
         uncertainty = (f"- seeds: {spread}; every number is the mean over seeds ± its standard "
                        f"deviation, with the 95 % confidence interval of the mean in brackets "
                        f"(Student t); differences carry Welch's 95 % interval")
+        if min(seeds) < 5:
+            widths = ", ".join(f"± {half_width(n):.1f} std with {n} seeds" for n in (2, 3, 5))
+            uncertainty += f" (the interval is {widths}: few seeds give wide intervals)"
     else:
         uncertainty = ("- seeds: one per point, so there are **no intervals**: each number is a "
                        "single run, and a difference within the seed-to-seed spread (± 0.16 points "
