@@ -62,7 +62,9 @@ def draw_published(ax, series: Series, style_of=None) -> None:
     for i, (p, name, pts) in enumerate(series):
         style = dict(style_of(p) if style_of else FAMILIES.get(family(p.norm), OTHER))
         style.pop("name", None)
-        style.update(linestyle=":", markerfacecolor="none", marker="os^Dv<>"[i % 7])
+        # on top of the study's markers, larger, so that a number equal to the study's shows as a ring
+        style.update(linestyle=":", markerfacecolor="none", marker="os^Dv<>"[i % 7], markersize=9,
+                     markeredgewidth=1.5, zorder=5)
         ax.plot([x for x, _ in pts], [y for _, y in pts], label=f"{short_setting(p)}: {name}", **style)
 
 

@@ -7,6 +7,7 @@ one family, told apart by label and marker. A new norm family gets one entry in 
 """
 from __future__ import annotations
 
+from ..errors import NormlabError
 from ..norms import parse_norm
 
 # family -> display name and style; colours from the Okabe-Ito palette, readable in grey too.
@@ -27,7 +28,7 @@ def family(norm: str) -> str:
         return norm
     try:
         return "gn" if parse_norm(norm).kind == "gn" else norm
-    except Exception:  # a spec this version cannot parse still gets a row, in grey
+    except NormlabError:  # a spec this version cannot parse still gets a row, in grey
         return norm
 
 
