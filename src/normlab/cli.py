@@ -201,7 +201,10 @@ def cmd_reproduce(args) -> int:
 def cmd_report(args) -> int:
     from .report import build_report
 
-    print(f"report: {build_report(Path(args.results))}")
+    if args.references and not Path(args.references).is_file():
+        raise NormlabError(f"--references {args.references}: no such file; give a YAML file of the "
+                           f"form of normlab's references.yaml, or leave the option out")
+    print(f"report: {build_report(Path(args.results), references=args.references)}")
     return 0
 
 
@@ -393,9 +396,14 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="write report.md and figures from run directories",
-                       description="Build RESULTS/report.md and RESULTS/figures/*.png from the run "
-                       "directories under RESULTS. Reads run directories only: no data set, no GPU.")
+                       description="Build RESULTS/report.md (findings first), RESULTS/figures/*.png, "
+                       "RESULTS/results.csv and RESULTS/curves.csv from the run directories under "
+                       "RESULTS. Reads run directories only: no data set, no GPU. A damaged run "
+                       "directory is skipped with a warning.")
     p.add_argument("results", help="a results directory (the --out of reproduce or train)")
+    p.add_argument("--references", metavar="FILE", help="published numbers to set beside the "
+                   "study's, a YAML file of the form of src/normlab/references.yaml (default: "
+                   "that file: the GN paper, the implementation report, He et al.)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="training throughput against the usual pipeline and the machine's peak",

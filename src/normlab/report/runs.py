@@ -1,0 +1,203 @@
+"""Run directories as the report sees them: runs, points (the seeds of one config), studies.
+
+A damaged run directory (config.json or metrics.csv unreadable or invalid) is skipped with
+one warning line naming it; the rest of the report goes on.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import rundir
+from ..config import RunConfig
+from ..errors import NormlabError
+from ..stats import Summary, summarize
+from .labels import family
+
+Warn = Callable[[str], None]
+METRIC_COLUMNS = ("epoch", "train_error", "test_error")  # what the report cannot do without
+
+
+@dataclass
+class Run:
+    id: str
+    path: Path
+    cfg: RunConfig
+    info: dict
+    rows: list[dict]
+    status: dict
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", "new")
+
+    @property
+    def final(self) -> float | None:
+        """The GN paper's number: median test error of the final 5 epochs (finished runs only)."""
+        if self.state != "done" or not self.rows:
+            return None
+        return statistics.median(r["test_error"] for r in self.rows[-5:])
+
+
+@dataclass
+class Point:
+    """The seeds of one configuration."""
+    cfg: RunConfig
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def finals(self) -> list[float]:
+        return [r.final for r in self.runs if r.final is not None]
+
+    @property
+    def norm(self) -> str:
+        return self.cfg.norm
+
+    def summary(self) -> Summary | None:
+        """Mean, std and 95 % interval over the finished seeds (no interval with one)."""
+        return summarize(self.finals)
+
+    def states(self) -> collections.Counter:
+        return collections.Counter(r.state for r in self.runs)
+
+    def band(self, column: str) -> tuple[list[int], list[float], list[float] | None, list[float] | None]:
+        """Per epoch, over the epochs every seed has: mean and its 95 % interval (None with one
+        seed)."""
+        rows = [r.rows for r in self.runs if r.rows]
+        if not rows:
+            return [], [], None, None
+        n = min(len(r) for r in rows)
+        epochs = [rows[0][i]["epoch"] for i in range(n)]
+        summaries = [summarize([r[i].get(column, math.nan) for r in rows]) for i in range(n)]
+        means = [s.mean if s else math.nan for s in summaries]
+        if len(rows) < 2 or not all(s and s.has_interval for s in summaries):
+            return epochs, means, None, None
+        return epochs, means, [s.low for s in summaries], [s.high for s in summaries]
+
+    def curve(self, column: str) -> tuple[list[int], list[float]]:
+        """Mean over seeds of a metric per epoch, over the epochs every seed has."""
+        epochs, means, _, _ = self.band(column)
+        return epochs, means
+
+
+def warn_stderr(message: str) -> None:
+    import sys
+    print(f"normlab: warning: {message}", file=sys.stderr)
+
+
+def load_runs(root: Path, warn: Warn = warn_stderr) -> list[Run]:
+    """Every readable run under root; each damaged one is skipped with one warning."""
+    runs = []
+    for path in rundir.list_runs(root):
+        try:
+            runs.append(read_run(path, warn))
+        except DamagedRun as err:
+            warn(f"skipping {path}: {err}; repair that directory, or move it away and run the "
+                 f"study again to retrain the run")
+        except FileNotFoundError:
+            continue  # removed while we were reading
+    return runs
+
+
+class DamagedRun(Exception):
+    pass
+
+
+def read_run(path: Path, warn: Warn) -> Run:
+    try:
+        info = json.loads((path / rundir.CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DamagedRun(f"{rundir.CONFIG} is unreadable ({short(err)})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise DamagedRun(f"{rundir.CONFIG} has no 'config' mapping")
+    try:
+        cfg = RunConfig.from_dict(info["config"], where=rundir.CONFIG).validate()
+    except NormlabError as err:
+        raise DamagedRun(str(err)) from None
+    rows = read_metrics(path / rundir.METRICS)
+    status = rundir.read_json(path / rundir.STATUS)
+    if status is None and (path / rundir.STATUS).exists():
+        warn(f"{path}: {rundir.STATUS} is unreadable; the run is counted as unfinished")
+    if not isinstance(status, dict):
+        status = {}
+    return Run(str(info.get("run_id", path.name)), path, cfg, info, rows, status)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv as rows of floats (epoch an int); [] when absent (no epoch finished yet)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in METRIC_COLUMNS if c not in (reader.fieldnames or [])]
+            if reader.fieldnames and missing:
+                raise DamagedRun(f"{rundir.METRICS} has no '{missing[0]}' column")
+            rows = []
+            for line, row in enumerate(reader, 2):
+                if None in row or any(v is None for v in row.values()):
+                    raise DamagedRun(f"{rundir.METRICS} line {line} has the wrong number of fields")
+                try:
+                    parsed = {k: float(v) if v != "" else math.nan for k, v in row.items()}
+                except ValueError:
+                    raise DamagedRun(f"{rundir.METRICS} line {line} holds a value that is not a number") from None
+                parsed["epoch"] = int(parsed["epoch"]) if math.isfinite(parsed["epoch"]) else -1
+                if parsed["epoch"] < 1:
+                    raise DamagedRun(f"{rundir.METRICS} line {line} has no valid epoch number")
+                rows.append(parsed)
+            return rows
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DamagedRun(f"{rundir.METRICS} is unreadable ({short(err)})") from None
+
+
+def short(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err).splitlines()[0]
+
+
+def point_key(cfg: RunConfig) -> str:
+    """The run id the config would have with seed 0: equal for runs that differ only in seed."""
+    return RunConfig(**{**cfg.to_dict(), "milestones": cfg.milestones, "seed": 0}).run_id()
+
+
+def group_points(runs: list[Run]) -> dict[str, Point]:
+    """Runs that differ only in their seed form one point."""
+    points: dict[str, Point] = {}
+    for run in runs:
+        points.setdefault(point_key(run.cfg), Point(run.cfg)).runs.append(run)
+    return points
+
+
+def membership(root: Path, runs: list[Run]) -> dict[str, set[str]]:
+    """Study name -> run ids, from study.json or inferred from the configs."""
+    study = rundir.read_json(Path(root) / "study.json")
+    if study and isinstance(study.get("studies"), dict):
+        return {str(name): {str(i) for i in ids} for name, ids in study["studies"].items()
+                if isinstance(ids, list)}
+    batches = collections.Counter((r.cfg.batch_size, r.cfg.virtual_gpus) for r in runs)
+    common = batches.most_common(1)[0][0] if batches else None
+    at_common = {r.id for r in runs if (r.cfg.batch_size, r.cfg.virtual_gpus) == common}
+    norms_at = collections.defaultdict(set)
+    for r in runs:
+        norms_at[r.cfg.norm].add(r.cfg.batch_size)
+    return {"norms": at_common,
+            "batch-size": {r.id for r in runs if len(norms_at[r.cfg.norm]) > 1},
+            "groups": {r.id for r in runs if r.id in at_common and family(r.cfg.norm) != "bn"}}
+
+
+def seeds_note(points: list[Point]) -> str | None:
+    """The line a table needs when its points cannot carry intervals, else None."""
+    counts = [len(p.finals) for p in points if p.finals]
+    if counts and max(counts) < 2:
+        return ("One finished seed per point: the numbers below are single runs, with no "
+                "interval; run more seeds (--seeds 3) to know how much they move.")
+    if counts and min(counts) < 2:
+        return "Points marked (1 seed) have one finished seed and no interval."
+    return None

@@ -1,0 +1,135 @@
+"""Tidy results for notebooks: results.csv (one row per run) and curves.csv (one row per run
+and epoch), plain CSV that pandas and polars read as they are, and `load_results`."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import statistics
+from pathlib import Path
+from typing import NamedTuple
+
+from .. import rundir
+from ..config import RunConfig
+from ..errors import NormlabError
+from .labels import family, label, sweep_value
+from .runs import Run, Warn, load_runs, membership, warn_stderr
+
+RESULTS, CURVES = "results.csv", "curves.csv"
+CURVE_KEYS = ("run_id", "model", "norm", "batch_size", "virtual_gpus", "seed")
+
+
+def value(v) -> str:
+    """A CSV cell: blank for missing and non-finite numbers, milestones as '82 123'."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, (tuple, list)):
+        return " ".join(str(x) for x in v)
+    return str(v)
+
+
+def run_row(run: Run, root: Path, studies: dict[str, set[str]]) -> dict:
+    cfg, rows, summary = run.cfg, run.rows, rundir.summarize(run.rows)
+    row = {"run_id": run.id, "path": str(run.path.relative_to(root)) if run.path != root else ".",
+           "studies": " ".join(name for name, ids in studies.items() if run.id in ids),
+           "state": run.state}
+    row.update(dataclasses.asdict(cfg))  # every config field, the later ones too: stable columns
+    row.update({"lr": cfg.lr, "images_per_step": cfg.images_per_step, "norm_label": label(cfg.norm),
+                "norm_family": family(cfg.norm), "groups": sweep_value(cfg.norm, "groups"),
+                "channels_per_group": sweep_value(cfg.norm, "per_group"),
+                "epochs_done": len(rows),
+                "final_test_error": run.final,
+                "final_train_error": summary.get("median_final5_train_error") if run.final is not None else None,
+                "final_val_error": summary.get("median_final5_val_error") if run.final is not None else None,
+                "last_test_error": rows[-1]["test_error"] if rows else None,
+                "diverged_in_epoch": run.status.get("diverged_in_epoch"),
+                "train_seconds": sum(r.get("seconds", 0) for r in rows) if rows else None,
+                "images_per_s": statistics.median(r["images_per_s"] for r in rows) if rows and "images_per_s" in rows[0] else None,
+                "device": run.info.get("device"), "torch": run.info.get("torch"),
+                "data_images": (run.info.get("data") or {}).get("train"),
+                "batch_semantics": run.info.get("batch_semantics")})
+    return row
+
+
+def curve_rows(run: Run) -> list[dict]:
+    head = {"run_id": run.id, "model": run.cfg.model, "norm": run.cfg.norm, "batch_size": run.cfg.batch_size,
+            "virtual_gpus": run.cfg.virtual_gpus, "seed": run.cfg.seed}
+    return [{**head, **r} for r in run.rows]
+
+
+def to_csv(rows: list[dict], fields: list[str] | None = None) -> str:
+    if fields is None:
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # union, in order of appearance
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows({k: value(v) for k, v in r.items()} for r in rows)
+    return buffer.getvalue()
+
+
+def tables(root: Path, runs: list[Run]) -> tuple[str, str]:
+    """(results.csv, curves.csv) as text."""
+    studies = membership(root, runs)
+    order = sorted(runs, key=lambda r: r.id)
+    results_fields = None if order else ["run_id", "path", "studies", "state"] + [f.name for f in dataclasses.fields(RunConfig)]
+    curves = [row for r in order for row in curve_rows(r)]
+    return (to_csv([run_row(r, root, studies) for r in order], results_fields),
+            to_csv(curves, None if curves else list(CURVE_KEYS) + ["epoch"]))
+
+
+def write(root: Path, runs: list[Run]) -> tuple[Path, Path]:
+    results, curves = tables(root, runs)
+    rundir.atomic_write(root / RESULTS, results.encode())
+    rundir.atomic_write(root / CURVES, curves.encode())
+    return root / RESULTS, root / CURVES
+
+
+class Results(NamedTuple):
+    runs: object     # one row per run: config and summary
+    curves: object   # one row per run and epoch
+
+
+def load_results(path, warn: Warn = warn_stderr) -> Results:
+    """The results of a study for a notebook: Results(runs, curves).
+
+    `path` is a results directory: its run directories are read afresh (damaged ones skipped
+    with a warning), or, when it holds none, the results.csv and curves.csv that
+    `normlab report` wrote there. Each table is a pandas DataFrame when pandas is installed,
+    otherwise a list of dicts (one per row; numbers as int or float, booleans as bool, blank
+    cells as None). The columns are those of results.csv and curves.csv (see README).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise NormlabError(f"{root} is not a directory; pass a results directory (the --out of "
+                           f"normlab reproduce or train)")
+    runs = load_runs(root, warn) if any(rundir.list_runs(root)) else []
+    if runs:
+        texts = tables(root, runs)
+    elif (root / RESULTS).is_file() and (root / CURVES).is_file():
+        texts = tuple((root / name).read_text(encoding="utf-8") for name in (RESULTS, CURVES))
+    else:
+        raise NormlabError(f"no runs in {root} (no */config.json, nor results.csv and curves.csv); "
+                           f"train some with normlab train or normlab reproduce first")
+    try:
+        import pandas
+    except ImportError:
+        return Results(*(parse(text) for text in texts))
+    return Results(*(pandas.read_csv(io.StringIO(text)) for text in texts))
+
+
+def parse(text: str) -> list[dict]:
+    return [{k: cell(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+def cell(text: str):
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
