@@ -64,6 +64,10 @@ class Single:
         """Each flag set on any rank, on every rank."""
         return flags
 
+    def reduce_step(self, sums: torch.Tensor, *flags: bool) -> tuple:
+        """A step's sums added over ranks, and its flags agreed: (sums, *flags)."""
+        return (sums, *flags)
+
     def average_buffers(self, model: nn.Module) -> None:
         pass
 
@@ -125,8 +129,14 @@ class Group(Single):
 
     def agree(self, *flags: bool) -> tuple[bool, ...]:
         votes = torch.tensor([int(bool(f)) for f in flags])
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
-        return tuple(bool(v) for v in votes.tolist())
+        dist.all_reduce(votes, group=self.control)
+        return tuple(v > 0 for v in votes.tolist())
+
+    def reduce_step(self, sums: torch.Tensor, *flags: bool) -> tuple:
+        if self.control is not None:  # NCCL: the sums stay on the GPU, the votes go over gloo
+            return (self.sum(sums), *self.agree(*flags))
+        both = self.sum(torch.cat([sums, torch.tensor(flags, dtype=sums.dtype)]))  # one all-reduce
+        return (both[:len(sums)], *(v > 0 for v in both[len(sums):].tolist()))
 
     def average_buffers(self, model: nn.Module) -> None:
         """Every floating-point buffer (BN running statistics and the like) := its mean over ranks."""

@@ -270,8 +270,13 @@ class Run:
         while self.step < self.steps:
             index = self.order[self.step * per_step:(self.step + 1) * per_step].to(self.device)
             loss, wrong = self.train_step(index, cfg.lr_at(self.epoch + self.step / self.steps))
-            with torch.no_grad():  # summed over ranks: every rank holds the whole step's numbers
-                self.sums += self.dist.sum(torch.stack([loss.double() * per_rank, wrong.double(), count]))
+            minutes = self.opts.checkpoint_minutes
+            with torch.no_grad():  # summed over ranks: every rank holds the whole step's numbers;
+                # a signal to one rank stops them all, one rank's clock checkpoints them all
+                step_sums, stop, save = self.dist.reduce_step(
+                    torch.stack([loss.double() * per_rank, wrong.double(), count]), STOP.is_set(),
+                    bool(minutes) and time.perf_counter() - last_save > 60 * minutes)
+                self.sums += step_sums
             self.step += 1
             self.epoch_seconds = seconds_before + time.perf_counter() - start
             if self.step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.sums[0]):
@@ -280,10 +285,6 @@ class Run:
                 on_progress(self)
             if self.step == self.steps:
                 break
-            minutes = self.opts.checkpoint_minutes
-            # A signal on one rank stops all ranks, and one rank's clock checkpoints all of them.
-            stop, save = self.dist.agree(STOP.is_set(),
-                                         bool(minutes) and time.perf_counter() - last_save > 60 * minutes)
             if stop:
                 self.save_checkpoint()
                 self.write_status("interrupted")
