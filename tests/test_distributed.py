@@ -363,5 +363,5 @@ def test_torchrun_itself_reports_the_ranks_lines(tmp_path):
     code, _, err = torchrun("--model", "resnet8", "--epochs", "1", "--batch-size", "16", "--data", "cifar10",
                             "--data-dir", str(data), "--out", str(out), "--quiet")
     assert code != 0  # torchrun exits 1 when its workers fail; each worker exited 2 with one line
-    assert err.count("normlab: error: one step needs 32 images") == 2 and "exitcode  : 2" in err
+    assert err.count("normlab: error: one step needs 32 images") == 2  # one line from each rank
     assert nothing_written(out)

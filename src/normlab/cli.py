@@ -122,15 +122,16 @@ def cmd_train(args) -> int:
 
     group = distributed.join(args.device)  # under torchrun: this process's rank
     try:
-        return train_run(args, group)
+        code = train_run(args, group)
     except Exception as err:
-        if group.world > 1 and distributed.lost_peer(err):
+        if group.world > 1 and distributed.lost_peer(err):  # a broken group is not torn down
             raise NormlabError(f"rank {group.rank}: another process of this torchrun group failed or "
                                f"was killed ({distributed.first_line(err)}); run the same torchrun "
                                f"command again to resume from the last checkpoint") from None
+        group.close()  # every rank is here: errors and stops are agreed
         raise
-    finally:
-        group.close()
+    group.close()
+    return code
 
 
 def train_run(args, group) -> int:

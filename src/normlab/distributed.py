@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -206,6 +207,17 @@ CHECKS = {
     "checkpoint (found, epoch, step)": "every process must see rank 0's run directory (one "
                                        "machine, or a file system that all nodes share)",
 }
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. Under torchrun without Python's and C++'s teardown, which now and then
+    aborts in PyTorch's gloo/TCPStore threads ('terminate called without an active exception',
+    SIGABRT instead of our exit code); every file is on disk by then and the group destroyed."""
+    if processes() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def join(device_name: str) -> Single:
