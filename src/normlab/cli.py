@@ -37,9 +37,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
                    help="images per (virtual) device, the N that BN normalizes over and that sets the "
                         "lr (default: %(default)s)")
-    g.add_argument("--virtual-gpus", type=int, default=d.virtual_gpus, metavar="K",
+    g.add_argument("--virtual-gpus", type=int, metavar="K",
                    help="simulate K devices: K*N images per step, BN statistics per chunk of N "
-                        "(the GN paper's 8-GPU setting on one device) (default: %(default)s)")
+                        "(the GN paper's 8-GPU setting on one device) (default: 1; under torchrun "
+                        "the processes are the devices: leave it out, or give their number)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BN statistics over all K*N images of a step instead of each device's N "
+                        "(nn.SyncBatchNorm under torchrun on CUDA; an all-reduce on CPU)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--base-lr", type=float, default=d.base_lr,
                    help="lr = base-lr * N / base-batch (default: %(default)s)")
@@ -91,10 +95,18 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                         "directory is renamed, never deleted)")
 
 
-def run_config(args) -> RunConfig:
+def run_config(args, processes: int = 1) -> RunConfig:
+    """The run config of `normlab train`; under torchrun the K processes are its K devices,
+    so that the run is the same (same id) as --virtual-gpus K in one process."""
     fields = RunConfig.__dataclass_fields__
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     values["milestones"] = tuple(values.get("milestones") or ())
+    if processes > 1 and values.get("virtual_gpus") not in (None, processes):
+        raise NormlabError(f"--virtual-gpus {values['virtual_gpus']} under torchrun with {processes} "
+                           f"processes: the processes are the devices (the run is {processes} devices "
+                           f"x N images); leave out --virtual-gpus")
+    if processes > 1 or values.get("virtual_gpus") is None:
+        values["virtual_gpus"] = processes
     return RunConfig(**values).normalized().validate()
 
 
@@ -110,14 +122,36 @@ def runtime_options(args) -> RuntimeOptions:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
+
+    group = distributed.join(args.device)  # under torchrun: this process's rank
+    try:
+        code = train_run(args, group)
+    except Exception as err:
+        if group.world > 1 and distributed.lost_peer(err):  # a broken group is not torn down
+            raise NormlabError(f"rank {group.rank}: another process of this torchrun group failed or "
+                               f"was killed ({distributed.first_line(err)}); run the same torchrun "
+                               f"command again to resume from the last checkpoint") from None
+        group.close()  # every rank is here: errors and stops are agreed
+        raise
+    group.close()
+    return code
+
+
+def train_run(args, group) -> int:
     from tqdm import tqdm
 
-    from . import engine
+    from .distributed import start_run
 
-    cfg = run_config(args)
-    opts = runtime_options(args)
-    run = engine.Run(cfg, Path(args.out) / cfg.run_id(), opts)
-    print(describe_precision(run.amp, run.amp_reason))
+    with group.agreed():
+        cfg = run_config(args, group.world)
+        opts = runtime_options(args)
+        if group.device is not None:
+            opts.device = str(group.device)
+        opts.progress = opts.progress and group.writer
+    run, lock = start_run(group, cfg, Path(args.out) / cfg.run_id(), opts, args.force)
+    if group.writer:
+        print(describe_precision(run.amp, run.amp_reason))
     bar = tqdm(total=cfg.epochs * run.steps, unit="step", disable=not opts.progress,
                desc=cfg.run_id(), dynamic_ncols=True)
 
@@ -130,9 +164,9 @@ def cmd_train(args) -> int:
         bar.write(f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train err {row['train_error']:5.2f}%  "
                   f"test err {row['test_error']:5.2f}%  {row['images_per_s']:.0f} img/s")
 
-    with run.open(force=args.force):
+    with lock:
         bar.n = run.epoch * run.steps
-        status = run.run(on_progress, on_epoch)
+        status = run.run(on_progress, on_epoch if group.writer else None)
     bar.close()
     summary = status.get("summary", {})
     state = status["state"]
@@ -142,8 +176,9 @@ def cmd_train(args) -> int:
               f"became NaN or infinite; earlier epochs are kept); lower --base-lr or add "
               f"--warmup-epochs, with --force to start it afresh", file=sys.stderr)
         return 2
-    print(f"{where}: {state}; median test error of the final 5 epochs "
-          f"{summary.get('median_final5_test_error', float('nan')):.2f}%")
+    if group.writer:
+        print(f"{where}: {state}; median test error of the final 5 epochs "
+              f"{summary.get('median_final5_test_error', float('nan')):.2f}%")
     return 0
 
 
@@ -495,8 +530,12 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with benchmark results
     previous = install_signal_handlers()
+    from .distributed import processes
     from .engine import EXIT_INTERRUPTED, Interrupted, RunBusy
     try:
+        if processes() > 1 and args.command != "train":
+            raise NormlabError(f"only 'normlab train' runs under torchrun (one run on K processes); "
+                               f"run 'normlab {args.command}' without torchrun")
         return args.func(args)
     except NormlabError as err:
         print(f"normlab: error: {err}", file=sys.stderr)

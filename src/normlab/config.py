@@ -52,6 +52,7 @@ class RunConfig:
     shortcut: str = "A"
     zero_init_residual: bool = True
     seed: int = 0
+    sync_bn: bool = later(False)  # BN statistics over all K*N images of a step, not per device
 
     @property
     def lr(self) -> float:
@@ -116,9 +117,16 @@ class RunConfig:
         for name in ("momentum", "weight_decay", "warmup_epochs", "val_split", "seed"):
             if getattr(self, name) < 0:
                 raise NormlabError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        if norm.batch_dependent and self.batch_size == 1:
+        if self.sync_bn and not norm.batch_dependent:
+            raise NormlabError(f"--sync-bn synchronises batch statistics, but norm '{self.norm}' has "
+                               f"none; drop --sync-bn, or use a norm with batch statistics (bn)")
+        if self.sync_bn and self.virtual_gpus == 1:
+            raise NormlabError("--sync-bn needs several devices (--virtual-gpus K, or K torchrun "
+                               "processes): on one device BN already sees all its images; drop --sync-bn")
+        if norm.batch_dependent and self.batch_size == 1 and not self.sync_bn:
             raise NormlabError("BN cannot train on 1 image per device (its variance is zero); "
-                               "use --batch-size 2 or more, or a batch-independent norm (gn, ln, in)")
+                               "use --batch-size 2 or more, --sync-bn, or a batch-independent norm "
+                               "(gn, ln, in)")
         if self.schedule not in SCHEDULES:
             raise NormlabError(f"unknown schedule '{self.schedule}'; use one of: {', '.join(SCHEDULES)}")
         if self.schedule == "step" and self.step_size < 1:

@@ -216,13 +216,27 @@ def read_batch_file(path: Path, source: Source) -> tuple[np.ndarray, np.ndarray]
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random pad-`pad` crop and horizontal flip of a uint8 batch [B, 3, H, W], on its device.
 
-    One gather: row index oy + i, column index ox + j (or ox + W-1-j when flipped) into the
-    zero-padded batch. Random numbers come from `generator` (CPU) for reproducibility.
+    Random numbers come from `generator` (CPU) for reproducibility.
     """
+    offsets, flips = draw_augmentation(images.shape[0], generator, pad)
+    return apply_augmentation(images, offsets, flips, pad)
+
+
+def draw_augmentation(batch: int, generator: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of a batch's augmentation: crop offsets [2, B] and flips [B], on the
+    CPU. Drawn for a whole step, so that each rank of a data-parallel group can take its part."""
+    offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator)
+    flips = torch.randint(0, 2, (batch,), generator=generator).bool()
+    return offsets, flips
+
+
+def apply_augmentation(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+                       pad: int = 4) -> torch.Tensor:
+    """Crop and flip with one gather: row index oy + i, column index ox + j (or ox + W-1-j when
+    flipped) into the zero-padded batch."""
     b, c, h, w = images.shape
     device = images.device
-    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(device)
-    flips = torch.randint(0, 2, (b,), generator=generator).bool().to(device)
+    offsets, flips = offsets.to(device), flips.to(device)
     padded = F.pad(images, (pad, pad, pad, pad))
     ar_h = torch.arange(h, device=device)
     ar_w = torch.arange(w, device=device)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoint, rundir
+from . import __version__, checkpoint, distributed, rundir
 from .config import RunConfig, RuntimeOptions
-from .data import Dataset, Normalizer, augment, load_dataset
+from .data import Dataset, Normalizer, apply_augmentation, draw_augmentation, load_dataset
 from .errors import NormlabError
 from .models import cifar_resnet
 from .norms import norm_layers, parse_norm, set_chunk_size
@@ -77,29 +77,36 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def evaluate(model, split, normalize, batch_size: int, autocast) -> tuple[float, float]:
-    """Mean loss and error (%) on a split, in eval mode (BN uses its running statistics)."""
+def evaluate(model, split, normalize, batch_size: int, autocast,
+             group: distributed.Single = distributed.SINGLE) -> tuple[float, float]:
+    """Mean loss and error (%) on a split, in eval mode (BN uses its running statistics).
+    Under torchrun each rank evaluates its share and the sums are added up."""
     model.eval()
+    share = group.shard(len(split))
+    images, labels = split.images[share], split.labels[share]
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.images.device)
     wrong = torch.zeros((), dtype=torch.int64, device=split.images.device)
     with torch.inference_mode(), autocast():
-        for start in range(0, len(split), batch_size):
-            x = normalize(split.images[start:start + batch_size])
-            y = split.labels[start:start + batch_size]
+        for start in range(0, len(labels), batch_size):
+            x = normalize(images[start:start + batch_size])
+            y = labels[start:start + batch_size]
             out = model(x).float()
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             wrong += (out.argmax(1) != y).sum()
+    loss_sum, wrong = group.sum(torch.stack([loss_sum, wrong.double()])).tolist()
     n = len(split)
-    return loss_sum.item() / n, 100.0 * wrong.item() / n
+    return loss_sum / n, 100.0 * wrong / n
 
 
 class Run:
     """A run being trained in `run_dir`. Use train() below unless you need the pieces."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, opts: RuntimeOptions):
+    def __init__(self, cfg: RunConfig, run_dir: Path, opts: RuntimeOptions,
+                 group: distributed.Single = distributed.SINGLE):
         self.cfg = cfg.normalized().validate()
         self.dir = Path(run_dir)
         self.opts = opts
+        self.dist = group  # torchrun: this process's rank; collectives are no-ops in one process
         self.device = resolve_device(opts.device)
         if opts.threads:
             torch.set_num_threads(opts.threads)
@@ -107,13 +114,16 @@ class Run:
         self.data: Dataset = load_dataset(self.cfg.data, opts.data_dir, self.cfg.val_split).to(self.device)
         self.steps = len(self.data.train) // self.cfg.images_per_step
         if self.steps == 0:
-            raise NormlabError(f"one step needs {self.cfg.images_per_step} images but the training set "
-                               f"has {len(self.data.train)}; lower --batch-size or --virtual-gpus")
+            raise NormlabError(f"one step needs {self.cfg.images_per_step} images ({self.cfg.virtual_gpus} "
+                               f"devices x {self.cfg.batch_size}) but the training set has "
+                               f"{len(self.data.train)}; lower --batch-size, or the number of devices "
+                               f"(--virtual-gpus, or torchrun's --nproc_per_node)")
         seed_everything(self.cfg.seed)
         self.model = cifar_resnet(self.cfg.model, self.cfg.norm, self.data.num_classes,
                                   self.cfg.shortcut, self.cfg.zero_init_residual)
         self.layers = norm_layers(self.model)
-        set_chunk_size(self.model, self.cfg.batch_size if self.cfg.virtual_gpus > 1 else None)
+        ghost = self.cfg.virtual_gpus > 1 and not self.cfg.sync_bn  # --sync-bn: BN over all K*N
+        set_chunk_size(self.model, self.cfg.batch_size if ghost else None)
         # channels_last speeds up BN's kernels on CPU and CUDA, but GN's kernels are NCHW-only
         # on CUDA and much slower in channels_last on CPU (see benchmarks/): BN only by default.
         self.channels_last = (opts.channels_last if opts.channels_last is not None
@@ -140,11 +150,8 @@ class Run:
         return {
             "run_id": self.cfg.run_id(), "config": self.cfg.to_dict(), "lr": self.cfg.lr,
             "images_per_step": self.cfg.images_per_step, "steps_per_epoch": self.steps,
-            "batch_semantics": (
-                f"{self.cfg.virtual_gpus} virtual devices x {self.cfg.batch_size} images per step; "
-                f"BN statistics over each {self.cfg.batch_size} images"
-                if self.cfg.virtual_gpus > 1 else
-                f"one device, {self.cfg.batch_size} images per step"),
+            "batch_semantics": distributed.batch_semantics(self.cfg, self.dist),
+            "execution": self.dist.execution(self.cfg),
             "norm_layers": self.layers,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "data": {"name": data.name, "location": data.location, "train": len(data.train),
@@ -157,11 +164,13 @@ class Run:
                               "amp": self.amp, "amp_reason": self.amp_reason},
         }
 
-    def write_status(self, state: str, **extra) -> None:
+    def write_status(self, state: str, **extra) -> dict:
         status = {"state": state, "run_id": self.cfg.run_id(), "epoch": self.epoch,
                   "epochs": self.cfg.epochs, "summary": rundir.summarize(self.rows),
                   "updated": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
-        rundir.write_json(self.dir / rundir.STATUS, status)
+        if self.dist.writer:
+            rundir.write_json(self.dir / rundir.STATUS, status)
+        return status
 
     def state_dict(self) -> dict:
         return {
@@ -175,11 +184,18 @@ class Run:
         }
 
     def save_checkpoint(self) -> None:
+        self.dist.average_buffers(self.model)  # so that every rank resumes from the same statistics
+        if not self.dist.writer:
+            return
         checkpoint.save(self.dir / rundir.CHECKPOINT, self.state_dict())
 
     def load_checkpoint(self) -> bool:
-        """Restore the state that open() read and verified, if there was a checkpoint."""
+        """Restore the state that open() read and verified, if there was a checkpoint (ranks
+        other than 0 do not open the directory: they read rank 0's checkpoint here)."""
         state, self.resume_state = self.resume_state, None
+        path = self.dir / rundir.CHECKPOINT
+        if state is None and not self.dist.writer and path.exists():
+            state = checkpoint.load(path)
         if state is None:
             return False
         self.model.load_state_dict(state["model"])
@@ -229,8 +245,12 @@ class Run:
     # -- training -----------------------------------------------------------------------
     def train_step(self, index: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on the training images at `index` (on the device); returns the batch's
-        mean loss and number of errors as device tensors (reading them would sync)."""
-        x = self.normalize(augment(self.data.train.images[index], self.generator))
+        mean loss and number of errors as device tensors (reading them would sync).
+        Under torchrun `index` is the whole step's; this rank trains on its part of it."""
+        offsets, flips = draw_augmentation(len(index), self.generator)  # the whole step's numbers
+        part = self.dist.part(len(index))
+        index, offsets, flips = index[part], offsets[:, part], flips[part]
+        x = self.normalize(apply_augmentation(self.data.train.images[index], offsets, flips))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.data.train.labels[index]
@@ -250,14 +270,20 @@ class Run:
             self.order = torch.randperm(len(self.data.train), generator=self.generator)
         self.model.train()
         per_step = cfg.images_per_step
-        count = torch.tensor(float(per_step), dtype=torch.float64, device=self.device)
+        per_rank = per_step // self.dist.world
+        count = torch.tensor(float(per_rank), dtype=torch.float64, device=self.device)
         start = last_save = time.perf_counter()
         seconds_before = self.epoch_seconds
         while self.step < self.steps:
             index = self.order[self.step * per_step:(self.step + 1) * per_step].to(self.device)
             loss, wrong = self.train_step(index, cfg.lr_at(self.epoch + self.step / self.steps))
-            with torch.no_grad():
-                self.sums += torch.stack([loss.double() * per_step, wrong.double(), count])
+            minutes = self.opts.checkpoint_minutes
+            with torch.no_grad():  # summed over ranks: every rank holds the whole step's numbers;
+                # a signal to one rank stops them all, one rank's clock checkpoints them all
+                step_sums, stop, save = self.dist.reduce_step(
+                    torch.stack([loss.double() * per_rank, wrong.double(), count]), STOP.is_set(),
+                    bool(minutes) and time.perf_counter() - last_save > 60 * minutes)
+                self.sums += step_sums
             self.step += 1
             self.epoch_seconds = seconds_before + time.perf_counter() - start
             if self.step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(self.sums[0]):
@@ -266,12 +292,11 @@ class Run:
                 on_progress(self)
             if self.step == self.steps:
                 break
-            if STOP.is_set():
+            if stop:
                 self.save_checkpoint()
                 self.write_status("interrupted")
                 raise Interrupted(str(self.dir))
-            minutes = self.opts.checkpoint_minutes
-            if minutes and time.perf_counter() - last_save > 60 * minutes:
+            if save:
                 self.save_checkpoint()  # within a long epoch, so that preemption loses little
                 last_save = time.perf_counter()
 
@@ -279,13 +304,15 @@ class Run:
         """Evaluate, then the epoch's metrics row (train numbers from the epoch's sums)."""
         loss_sum, wrong, n = self.sums.tolist()
         eval_start = time.perf_counter()
+        self.dist.average_buffers(self.model)  # per-rank BN running statistics -> their mean
         row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum / n, "train_error": 100.0 * wrong / n}
         if self.data.val is not None:
             row["val_loss"], row["val_error"] = evaluate(
-                self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast)
+                self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast,
+                self.dist)
         row["test_loss"], row["test_error"] = evaluate(
-            self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast)
+            self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast, self.dist)
         row["seconds"] = self.epoch_seconds + time.perf_counter() - eval_start
         row["images_per_s"] = n / self.epoch_seconds if self.epoch_seconds else float("nan")
         return row
@@ -293,30 +320,33 @@ class Run:
     def run(self, on_progress=None, on_epoch=None) -> dict:
         """Train to the last epoch from wherever the checkpoint left off. Returns the status."""
         status = rundir.read_json(self.dir / rundir.STATUS)
-        resumed = self.load_checkpoint()
+        with self.dist.agreed():  # under torchrun every rank resumes from rank 0's checkpoint
+            resumed = self.load_checkpoint()
+        self.dist.check_same({"checkpoint (found, epoch, step)": (resumed, self.epoch, self.step)})
         if resumed and status and status.get("state") in rundir.FINISHED:
             return status
-        if resumed:  # a kill between checkpoint and metrics.csv leaves the csv one epoch behind
+        if resumed and self.dist.writer:  # a kill between checkpoint and metrics.csv leaves it behind
             rundir.write_metrics(self.dir / rundir.METRICS, self.rows)
-        rundir.write_json(self.dir / rundir.CONFIG, self.describe())
+        if self.dist.writer:
+            rundir.write_json(self.dir / rundir.CONFIG, self.describe())
         self.write_status("running")
         try:
             while self.epoch < self.cfg.epochs:
                 self.train_epoch(on_progress)
-                if not torch.isfinite(self.sums[0]):
-                    self.write_status("diverged", diverged_in_epoch=self.epoch + 1)
-                    return rundir.read_json(self.dir / rundir.STATUS)
+                if not torch.isfinite(self.sums[0]):  # the sums are the same on every rank
+                    return self.write_status("diverged", diverged_in_epoch=self.epoch + 1)
                 row = self.finish_epoch()
                 self.rows.append(row)
                 self.epoch, self.step, self.order = self.epoch + 1, 0, None
                 self.sums.zero_()
                 self.epoch_seconds = 0.0
                 self.save_checkpoint()
-                rundir.write_metrics(self.dir / rundir.METRICS, self.rows)
+                if self.dist.writer:
+                    rundir.write_metrics(self.dir / rundir.METRICS, self.rows)
                 self.write_status("running")
                 if on_epoch is not None:
                     on_epoch(self, row)
-                if STOP.is_set() and self.epoch < self.cfg.epochs:
+                if self.dist.agree(STOP.is_set())[0] and self.epoch < self.cfg.epochs:
                     self.write_status("interrupted")
                     raise Interrupted(str(self.dir))
         except (Interrupted, NormlabError):
@@ -324,8 +354,7 @@ class Run:
         except Exception as err:
             self.write_status("failed", error=f"{type(err).__name__}: {err}")
             raise
-        self.write_status("done", wall_seconds=sum(r["seconds"] for r in self.rows))
-        return rundir.read_json(self.dir / rundir.STATUS)
+        return self.write_status("done", wall_seconds=sum(r["seconds"] for r in self.rows))
 
 
 def train(cfg: RunConfig, run_dir: str | Path, opts: RuntimeOptions | None = None, *,
