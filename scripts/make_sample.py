@@ -6,7 +6,6 @@ images of each class (test_batch), lossless. Usage: python scripts/make_sample.p
 import io
 import lzma
 import sys
-from pathlib import Path
 
 import numpy as np
 

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.data import (Normalizer, SAMPLE_FILE, augment, load_dataset, read_batch_file,
-                          SOURCES)
+from normlab.data import Normalizer, SAMPLE_FILE, augment, load_dataset
 from normlab.errors import NormlabError
 
 

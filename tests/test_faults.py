@@ -185,23 +185,6 @@ def test_checksum_mismatch_on_download(tmp_path, monkeypatch):
     assert not any((tmp_path / "fresh").iterdir())
 
 
-@pytest.mark.parametrize("args,message", [
-    (["reproduce", "--preset", "nope"], "unknown preset 'nope'"),
-    (["reproduce", "--seeds", "0"], "--seeds must be a positive"),
-    (["reproduce", "--workers", "0"], "--workers must be a positive"),
-    (["reproduce", "--set", "virtual_gpus=0"], "--virtual-gpus must be a positive"),
-    (["reproduce", "--set", "epochs=x"], "'epochs' must be int"),
-    (["reproduce", "--set", "colour=red"], "unknown key 'colour'"),
-    (["reproduce", "--batch-sizes", "32,0"], "--batch-sizes must be positive"),
-    (["report", "/nonexistent/results"], "is not a directory"),
-    (["train", "--checkpoint-every", "0"], "--checkpoint-every must be a positive"),
-])
-def test_more_bad_input(capsys, tmp_path, args, message):
-    code, _, err = cli(capsys, *args, *(["--out", str(tmp_path / "o")] if args[0] != "report" else []))
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
-
-
 def test_diverging_train_is_one_line_exit_2(capsys, cifar_fixture, tmp_path):
     code, _, err = cli(capsys, "train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "10",
                        "--epochs", "2", "--base-lr", "1e6", "--no-zero-init", "--data", "cifar10",

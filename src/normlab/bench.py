@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig, RuntimeOptions
-from .data import load_dataset
 from .engine import Run, resolve_device
 from .models import cifar_resnet
 from .norms import GhostBatchNorm2d, ReferenceGroupNorm, group_norm_reference, make_norm

@@ -223,7 +223,7 @@ def cmd_reproduce(args) -> int:
     print(f"report: {report}")
     from .engine import EXIT_INTERRUPTED, STOP
     if "interrupted" in states or STOP.is_set():
-        print(f"normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
+        print("normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
         return EXIT_INTERRUPTED
     failed = [rid for rid, r in results.items() if r.get("state") == "failed"]
     if failed:
@@ -239,7 +239,7 @@ def cmd_report(args) -> int:
     if args.references and not Path(args.references).is_file():
         raise NormlabError(f"--references {args.references}: no such file; give a YAML file of the "
                            f"form of normlab's references.yaml, or leave the option out")
-    print(f"report: {build_report(Path(args.results), references=args.references)}")
+    print(f"report: {build_report(Path(args.results), references=args.references, out=args.out)}")
     return 0
 
 
@@ -301,7 +301,7 @@ def cmd_bench(args) -> int:
         report.update({k: v for k, v in results[0].items()})
     if args.norm_layers:
         report["norm_layers"] = bench_norm_layers(device)
-        print(f"\nnorm layers, forward + backward (microseconds per call), batch 32, G = 16:")
+        print("\nnorm layers, forward + backward (microseconds per call), batch 32, G = 16:")
         for row in report["norm_layers"]:
             print(f"  {str(tuple(row['shape'])):<18} {row['format']:<14} {row['impl']:<28} {row['microseconds']:9.1f}")
     if args.json:
@@ -436,6 +436,8 @@ def build_parser() -> Parser:
                        "RESULTS. Reads run directories only: no data set, no GPU. A damaged run "
                        "directory is skipped with a warning.")
     p.add_argument("results", help="a results directory (the --out of reproduce or train)")
+    p.add_argument("--out", metavar="DIR", help="write the report here instead (for results you "
+                   "cannot or should not write into, e.g. a colleague's; default: RESULTS)")
     p.add_argument("--references", metavar="FILE", help="published numbers to set beside the "
                    "study's, a YAML file of the form of src/normlab/references.yaml (default: "
                    "that file: the GN paper, the implementation report, He et al.)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import random
 import threading
 import time
@@ -50,6 +49,9 @@ def resolve_device(name: str) -> torch.device:
         raise NormlabError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:K") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NormlabError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise NormlabError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} "
+                           f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of those")
     return device
 
 

@@ -46,6 +46,9 @@ def preset_names() -> list[str]:
 
 def read_preset(name_or_path: str) -> tuple[dict, str]:
     path = Path(name_or_path)
+    if name_or_path not in preset_names() and path.is_dir():
+        raise NormlabError(f"preset {name_or_path} is a directory; pass a .yaml file, or one of: "
+                           f"{', '.join(preset_names())}")
     if name_or_path in preset_names():
         text, where = resources.files("normlab.presets").joinpath(f"{name_or_path}.yaml").read_text(), name_or_path
     elif path.suffix in (".yaml", ".yml") and path.is_file():

@@ -1,6 +1,8 @@
 """build_report: run directories in, report.md + figures/ + results.csv + curves.csv out."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 from .. import references as refs_module
@@ -26,14 +28,20 @@ def load_published(path, warn: Warn) -> list:
         return []
 
 
-def build_report(root: str | Path, references: str | Path | None = None, warn: Warn = warn_stderr) -> Path:
-    """Write root/report.md (findings first), root/figures/*.png, root/results.csv and
-    root/curves.csv from the run directories under root. `references` replaces the published
-    numbers shipped with normlab (references.yaml). Damaged run directories and a damaged
-    reference table are skipped with one warning each (through `warn`)."""
+def build_report(root: str | Path, references: str | Path | None = None, warn: Warn = warn_stderr,
+                 out: str | Path | None = None) -> Path:
+    """Write out/report.md (findings first), out/figures/*.png, out/results.csv and
+    out/curves.csv from the run directories under root (out is root unless given: a read-only
+    results directory is reported elsewhere). `references` replaces the published numbers
+    shipped with normlab (references.yaml). Damaged run directories and a damaged reference
+    table are skipped with one warning each (through `warn`)."""
     root = Path(root)
+    out = Path(out) if out is not None else root
     if not root.is_dir():
         raise NormlabError(f"{root} is not a directory; pass the --out directory of a study or run")
+    if (root / "study.json").exists() and rundir.read_json(root / "study.json") is None:
+        raise NormlabError(f"{root / 'study.json'} is not valid JSON (edited or damaged by hand?); "
+                           f"restore it, or delete it and the report infers the studies from the runs")
     found = rundir.list_runs(root)
     runs = load_runs(root, warn)
     if not runs:
@@ -42,9 +50,15 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
                            f"or normlab reproduce first")
     published = load_published(references, warn)
     plt = pyplot()
-    figures = root / "figures"
-    figures.mkdir(exist_ok=True)
-    for directory in (root, figures):
+    figures = out / "figures"
+    try:
+        figures.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK) or not os.access(figures, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as err:
+        raise NormlabError(f"cannot write the report into {out} ({err.strerror}); pass --out DIR to "
+                           f"write it elsewhere (the run directories are only read)") from None
+    for directory in (out, figures):
         rundir.remove_stale_temps(directory)  # left by a report killed while writing
     members = membership(root, runs)
     study = rundir.read_json(root / "study.json") or {}
@@ -79,9 +93,9 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     md += findings.section(found_claims, untested)
     md += ["## Setup", ""] + setup_lines(runs) + [
         f"- tidy results: `{tidy.RESULTS}` (one row per run) and `{tidy.CURVES}` (one row per run "
-        f"and epoch) beside this file; `normlab.load_results(\"{root}\")` reads them", ""]
+        f"and epoch) beside this file; `normlab.load_results(\"{out}\")` reads them", ""]
     md += body
-    path = root / "report.md"
+    path = out / "report.md"
     rundir.atomic_write(path, "\n".join(md).encode())
-    tidy.write(root, runs)
+    tidy.write(root, runs, out)
     return path

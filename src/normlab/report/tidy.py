@@ -78,11 +78,13 @@ def tables(root: Path, runs: list[Run]) -> tuple[str, str]:
             to_csv(curves, None if curves else list(CURVE_KEYS) + ["epoch"]))
 
 
-def write(root: Path, runs: list[Run]) -> tuple[Path, Path]:
+def write(root: Path, runs: list[Run], out: Path | None = None) -> tuple[Path, Path]:
+    """results.csv and curves.csv of the runs under root, into out (default: root)."""
+    out = root if out is None else out
     results, curves = tables(root, runs)
-    rundir.atomic_write(root / RESULTS, results.encode())
-    rundir.atomic_write(root / CURVES, curves.encode())
-    return root / RESULTS, root / CURVES
+    rundir.atomic_write(out / RESULTS, results.encode())
+    rundir.atomic_write(out / CURVES, curves.encode())
+    return out / RESULTS, out / CURVES
 
 
 class Results(NamedTuple):
