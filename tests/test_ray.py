@@ -55,17 +55,36 @@ def cluster():
             pytest.fail(f"ray start failed:\n{(root / 'ray-start.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield {"address": f"127.0.0.1:{port}", "readonly": readonly if isolated else None}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    end_session(proc)
     log.close()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def end_session(proc: subprocess.Popen) -> None:
+    """Stop the cluster: every process of the session that `ray start` leads (its workers have
+    process groups of their own)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    proc.wait()
+
+
+def session_members(sid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            members.append(int(stat.parent.name))
+    return members
 
 
 class Recorder:

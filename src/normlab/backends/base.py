@@ -14,6 +14,8 @@ live process holds the run's lock, and study.py tries it again when that process
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,16 @@ def train_one(job: RunJob, opts: RuntimeOptions, report: Callable | None = None)
         return {"state": "failed", "error": str(err)}
     except Exception as err:  # a crash in one run must not stop the study; it is recorded
         return {"state": "failed", "error": f"{type(err).__name__}: {err}"}
+
+
+def options_for_nodes(opts: RuntimeOptions, threads: int, gpus: float) -> RuntimeOptions:
+    """This machine's runtime options for runs on other machines: the same speed options, torch
+    threads = the CPUs reserved per run, the data directory as an absolute path (other nodes
+    have other working directories and environments), CPU where no GPU is reserved."""
+    data_dir = opts.data_dir or os.environ.get("NORMLAB_DATA")
+    return dataclasses.replace(opts, threads=opts.threads or threads, progress=False,
+                               device=opts.device if gpus else "cpu",
+                               data_dir=str(Path(data_dir).absolute()) if data_dir else None)
 
 
 def positive(value: float | None, flag: str, whole: bool = False) -> None:

@@ -9,7 +9,6 @@ actor carries a stop (Ctrl-C) to them, and their runs checkpoint and stop.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -19,7 +18,7 @@ from typing import Iterator
 
 from ..config import RuntimeOptions
 from ..errors import NormlabError
-from .base import Backend, RunJob, positive, train_one
+from .base import Backend, RunJob, options_for_nodes, positive, train_one
 
 MAX_RETRIES = 3          # a task whose worker or node died is started again (Ray's default)
 PROBE_SECONDS = 60       # how long every node has to answer the check of the results directory
@@ -155,10 +154,7 @@ class RayBackend(Backend):
                                f"cluster has ({most_cpus:g} CPUs); lower it")
         if self.opts.device == "cuda" and not self.gpus:
             raise NormlabError("--device cuda, but the Ray cluster has no GPUs; use --device auto or cpu")
-        # the same options as on this machine; torch threads = the CPUs Ray reserves for the run
-        self.run_opts = dataclasses.replace(
-            self.opts, threads=self.opts.threads or max(1, int(self.cpus)), progress=False,
-            device=self.opts.device if self.gpus else "cpu")
+        self.run_opts = options_for_nodes(self.opts, max(1, int(self.cpus)), self.gpus)
         self.nodes = nodes
 
     def prepare(self, out: Path) -> None:

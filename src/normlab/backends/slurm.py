@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from tqdm import tqdm
+
 from .. import rundir
 from ..config import RuntimeOptions
 from ..errors import NormlabError
-from .base import Backend, RunJob, positive, train_one
+from .base import Backend, RunJob, options_for_nodes, positive, train_one
 
 try:
     import submitit
@@ -216,8 +218,7 @@ class SlurmBackend(Backend):
         elif limit is not None and self.minutes > limit:
             raise NormlabError(f"--time is more than partition '{self.partition}' allows ({limit} "
                                f"minutes); lower it (a run that needs longer is checkpointed and requeued)")
-        self.run_opts = dataclasses.replace(self.opts, threads=self.opts.threads or self.cpus, progress=False,
-                                            device=self.opts.device if self.gpus else "cpu")
+        self.run_opts = options_for_nodes(self.opts, self.cpus, self.gpus)
         self.folder = Path(out).absolute() / ".slurm"
 
     # -- submitting and following --------------------------------------------------------
@@ -259,9 +260,9 @@ class SlurmBackend(Backend):
         new = [j for j in jobs if j.run_id not in live]
         ids = self._submit(new) if new else {}
         arrays = sorted({t.split("_")[0] for t in [*live.values(), *ids.values()]})
-        print(f"SLURM job array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)} on partition "
-              f"'{self.partition}': {len(new)} runs submitted, {len(live)} already queued "
-              f"(follow them with: squeue -j {','.join(arrays)})", flush=True)
+        tqdm.write(f"SLURM job array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)} on partition "
+                   f"'{self.partition}': {len(new)} runs submitted, {len(live)} already queued "
+                   f"(follow them with: squeue -j {','.join(arrays)})")
         if not self.wait:
             self.detached = True
             return
@@ -272,8 +273,8 @@ class SlurmBackend(Backend):
     def _follow(self, tasks: dict[str, Task], display, stop) -> Iterator[tuple[str, dict]]:
         while tasks:
             if stop.is_set():
-                print("normlab: stopped waiting; the SLURM jobs keep running: run the same command "
-                      "again to wait for them, or scancel them", flush=True)
+                tqdm.write("normlab: stopped waiting; the SLURM jobs keep running: run the same command "
+                           "again to wait for them, or scancel them")
                 return
             states = queue_states({tid.split("_")[0] for tid in tasks})
             for tid, task in list(tasks.items()):
