@@ -142,7 +142,7 @@ def kill_a_worker_mid_run(out: Path, killed: dict, stop: threading.Event) -> Non
         time.sleep(0.1)
 
 
-def test_ray_study_equals_local_and_a_killed_worker_resumes(cluster, tiny_reference, tmp_path):
+def test_ray_study_equals_local_and_a_killed_worker_resumes(cluster, tiny_reference, tmp_path, monkeypatch):
     preset, data, reference = tiny_reference
     out = tmp_path / "ray"
     from normlab.backends.ray import RayBackend
@@ -167,11 +167,13 @@ def test_ray_study_equals_local_and_a_killed_worker_resumes(cluster, tiny_refere
     assert display.most == 2
     info = rundir.read_json(out / killed["run"] / rundir.CONFIG)
     assert info["threads"] == 1  # --cpus-per-run sets the run's threads, as --threads does locally
-    # the same command again: everything finished is skipped
+    # the same command again (--address auto: the cluster in $RAY_ADDRESS): finished runs are skipped
+    monkeypatch.setenv("RAY_ADDRESS", cluster["address"])
+    before = {run: (out / run / rundir.METRICS).read_bytes() for run in results}
     code = main(["reproduce", "--preset", str(preset), "--out", str(out), "--data-dir", str(data), "--quiet",
-                 "--backend", "ray", "--address", cluster["address"], "--cpus-per-run", "1"])
+                 "--backend", "ray", "--cpus-per-run", "1"])
     assert code == 0 and (out / "report.md").exists()
-    same_metrics(out, reference)
+    assert {run: (out / run / rundir.METRICS).read_bytes() for run in results} == before
 
 
 def cli(capsys, *args):
@@ -185,6 +187,7 @@ def cli(capsys, *args):
     (["--gpus-per-run", "-1"], "--gpus-per-run must be positive"),
     (["--cpus-per-run", "0"], "--cpus-per-run must be positive"),
     (["--gpus-per-run", "2"], "more than the largest node of the Ray cluster has (1 GPUs)"),
+    (["--gpus-per-run", "1.5"], "above 1 it takes whole GPUs"),
     (["--cpus-per-run", "64"], "more than the largest node of the Ray cluster has (4 CPUs)"),
     (["--device", "cuda:1"], "names a GPU of this machine"),
     (["--partition", "debug"], "--partition is for --backend slurm"),

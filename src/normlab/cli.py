@@ -109,18 +109,6 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                    "is queued; the same command later waits for it and writes the report")
 
 
-def parse_sbatch(pairs: list[str] | None) -> dict | None:
-    if not pairs:
-        return None
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise NormlabError(f"--sbatch expects KEY=VALUE (an sbatch option without its dashes), got '{pair}'")
-        out[key.strip().lstrip("-")] = value
-    return out
-
-
 def run_config(args) -> RunConfig:
     fields = RunConfig.__dataclass_fields__
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
@@ -177,7 +165,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .backends import make_backend
+    from .backends import make_backend, parse_sbatch
     from .progress import StudyDisplay
     from .report import build_report
     from .study import expand, images_per_run, parse_overrides, run_study, steps_per_epoch

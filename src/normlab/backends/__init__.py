@@ -36,9 +36,22 @@ def make_backend(name: str, opts: RuntimeOptions, workers: int | None = None, **
     raise NormlabError(f"unknown backend '{name}'; use one of: {', '.join(BACKENDS)}")
 
 
+def parse_sbatch(pairs: list[str] | None) -> dict | None:
+    """--sbatch KEY=VALUE pairs: sbatch options for every task of a SLURM array."""
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise NormlabError(f"--sbatch expects KEY=VALUE (an sbatch option without its dashes), got '{pair}'")
+        out[key.strip().lstrip("-")] = value
+    return out
+
+
 def _local(opts: RuntimeOptions, workers: int | None) -> Backend:
     from .local import LocalBackend
     return LocalBackend(opts, workers or 1)
 
 
-__all__ = ["BACKENDS", "Backend", "RunJob", "make_backend", "train_one"]
+__all__ = ["BACKENDS", "Backend", "RunJob", "make_backend", "parse_sbatch", "train_one"]

@@ -96,9 +96,10 @@ def resolve_address(address: str) -> str:
             try:
                 from ray._private.services import canonicalize_bootstrap_address_or_die
                 address = canonicalize_bootstrap_address_or_die("auto")
-            except ConnectionError:
-                raise NormlabError("no Ray cluster found on this machine; start one with `ray start "
-                                   "--head`, or give the head node's address with --address HOST:PORT") from None
+            except ConnectionError as err:
+                found = "several Ray clusters run" if "multiple" in str(err) else "no Ray cluster runs"
+                raise NormlabError(f"{found} on this machine; give the head node's address with --address "
+                                   f"HOST:PORT, or start a cluster with `ray start --head`") from None
             except Exception:  # Ray's private helper moved: let ray.init find the cluster
                 return "auto"
     host, _, port = address.rpartition(":")
@@ -121,6 +122,9 @@ class RayBackend(Backend):
         self.ray = _import_ray()
         positive(cpus_per_run, "--cpus-per-run")
         positive(gpus_per_run, "--gpus-per-run")
+        if gpus_per_run and gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
+            raise NormlabError(f"--gpus-per-run {gpus_per_run:g}: Ray packs runs on a GPU with fractions "
+                               f"below 1 (0.5, 0.25...); above 1 it takes whole GPUs")
         if opts.device.startswith("cuda:"):
             raise NormlabError(f"--device {opts.device} names a GPU of this machine; on Ray each run "
                                f"gets its own GPUs: use --device cuda (or auto)")
@@ -134,8 +138,7 @@ class RayBackend(Backend):
         ray = self.ray
         address = resolve_address(self.address)
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
-                     configure_logging=True)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise NormlabError(f"cannot join the Ray cluster at {address} ({first}); check --address") from None
@@ -168,7 +171,7 @@ class RayBackend(Backend):
         try:
             marker.write_text("normlab checks that every Ray node can write here\n")
             refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                    .remote(str(out.resolve()), token) for n in self.nodes]
+                    .remote(str(out.absolute()), token) for n in self.nodes]
             try:
                 answers = ray.get(refs, timeout=PROBE_SECONDS)
             except ray.exceptions.GetTimeoutError:

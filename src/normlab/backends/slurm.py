@@ -182,7 +182,6 @@ class SlurmBackend(Backend):
             opts, partition, dict(sbatch or {}), workers, wait)
         self.cpus = int(cpus_per_run or 1)
         self.gpus = None if gpus_per_run is None else int(gpus_per_run)
-        self.submitted: list[tuple[str, int]] = []  # (array job id, runs) submitted by this process
 
     # -- checks before anything is written ------------------------------------------------
     def open(self, out: Path) -> None:
@@ -245,7 +244,6 @@ class SlurmBackend(Backend):
         ids = {job.run_id: task.job_id for job, task in zip(jobs, submitted)}
         record = {**self._record(), **ids}
         rundir.write_json(self.folder / "jobs.json", {"runs": record})
-        self.submitted.append((submitted[0].job_id.split("_")[0], len(jobs)))
         return ids
 
     def train(self, jobs: list[RunJob], display=None) -> Iterator[tuple[str, dict]]:
@@ -254,7 +252,10 @@ class SlurmBackend(Backend):
         self.folder.mkdir(parents=True, exist_ok=True)
         record = self._record()
         earlier = {record[j.run_id] for j in jobs if j.run_id in record}
-        states = queue_states({t.split("_")[0] for t in earlier}) or {}
+        states = queue_states({t.split("_")[0] for t in earlier})
+        if states is None:  # never submit twice what may still be queued
+            raise NormlabError("squeue cannot reach the SLURM controller; check the cluster with "
+                               "`squeue`, then run the same command again")
         live = {j.run_id: record[j.run_id] for j in jobs
                 if j.run_id in record and states.get(record[j.run_id], "ENDED") not in ENDED}
         new = [j for j in jobs if j.run_id not in live]
@@ -271,6 +272,7 @@ class SlurmBackend(Backend):
         yield from self._follow(tasks, display, STOP)
 
     def _follow(self, tasks: dict[str, Task], display, stop) -> Iterator[tuple[str, dict]]:
+        self.following = set(tasks)
         while tasks:
             if stop.is_set():
                 tqdm.write("normlab: stopped waiting; the SLURM jobs keep running: run the same command "
@@ -303,7 +305,7 @@ class SlurmBackend(Backend):
             return None  # a shared filesystem may show the result a little later
         state = states.get(tid, "ENDED")
         if not task.job.paths.stdout.exists():
-            self.cancel()
+            _command(["scancel", *sorted({t.split("_")[0] for t in self.following})])
             raise NormlabError(f"SLURM task {tid} ended ({state}) without writing its log to "
                                f"{task.job.paths.stdout.parent}; --out must be a directory that every "
                                f"node shares and can write (the study's jobs were cancelled)")
@@ -321,7 +323,3 @@ class SlurmBackend(Backend):
         if isinstance(epoch, int) and steps and epoch != task.epoch:
             task.epoch = epoch
             display.progress(task.run_id, epoch, 0, steps)
-
-    def cancel(self) -> None:
-        for array, _ in self.submitted:
-            _command(["scancel", array])
