@@ -112,6 +112,8 @@ def test_slurm_study_preempted_and_requeued_equals_local(slurm, tiny_reference, 
     wait_for_state(out / preempted, "interrupted")  # it checkpointed at once (SLURM holds it back now)
     before[requeued] = wait_mid_run(out / requeued, tasks[requeued])
     subprocess.run(["scontrol", "requeue", tasks[requeued]], check=True)
+    assert main(["report", str(out)]) == 0  # what has finished so far, while the runs are away
+    (out / "report.md").unlink()
     # a later command picks the queued runs up, waits for them and writes the report
     waiting = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
