@@ -226,3 +226,25 @@ def test_ray_without_the_extra(tiny_reference, tmp_path):
     assert done.returncode == 2 and done.stderr.strip() == \
         "normlab: error: --backend ray needs Ray, an extra of normlab: pip install 'normlab[ray]'"
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_checkpoints_the_running_runs_and_the_same_command_resumes(cluster, tiny_reference, tmp_path):
+    preset, data, reference = tiny_reference
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "normlab", "reproduce", "--preset", str(preset), "--out", str(out),
+               "--data-dir", str(data), "--quiet", "--backend", "ray", "--address", cluster["address"],
+               "--cpus-per-run", "1", "--gpus-per-run", "0.5"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any((rundir.read_json(run / rundir.STATUS) or {}).get("epoch", 0) >= 1
+                  for run in out.glob("resnet8-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    states = [rundir.read_json(run / rundir.STATUS)["state"] for run in out.glob("resnet8-*")]
+    assert "interrupted" in states and "running" not in states  # each running run checkpointed
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    same_metrics(out, reference)
