@@ -68,7 +68,7 @@ class TrainRun(Checkpointable):
 
         result = train_one(job, opts)
         while result.get("state") == "busy" and not STOP.wait(BUSY_SECONDS):
-            result = train_one(job, opts)  # another process trained it: now resume or skip it
+            result = train_one(job, opts)  # its lock may be free now: resume, or skip it if finished
         self.result.update(result)
 
     def checkpoint(self, job: RunJob, opts: RuntimeOptions) -> "DelayedSubmission":
