@@ -88,10 +88,10 @@ def session_members(sid: int) -> list[int]:
 
 
 class Recorder:
-    """A display that records what the backend tells it, and how many runs ran at once."""
+    """A display that records what the backend tells it."""
 
     def __init__(self):
-        self.active, self.most, self.progress_items, self.ended = set(), 0, [], []
+        self.progress_items, self.ended = [], []
 
     def start(self, study, results, pending):
         pass
@@ -101,14 +101,11 @@ class Recorder:
 
     def progress(self, run_id, epoch, step, steps):
         self.progress_items.append((run_id, epoch, step, steps))
-        self.active.add(run_id)
-        self.most = max(self.most, len(self.active))
 
     def defer(self, run_id):
-        self.active.discard(run_id)
+        pass
 
     def end(self, run_id, status):
-        self.active.discard(run_id)
         self.ended.append(run_id)
 
 
@@ -129,16 +126,17 @@ def held_lock_pid(run: Path) -> int | None:
         os.close(fd)
 
 
-def kill_a_worker_mid_run(out: Path, killed: dict, stop: threading.Event) -> None:
-    """kill -9 the Ray worker training the first run that has finished an epoch but not its last."""
+def watch_and_kill(out: Path, killed: dict, trainers: list, stop: threading.Event) -> None:
+    """Count the runs being trained at once (their locks are held), and kill -9 the Ray worker
+    training the first run that has finished an epoch but not its last."""
     while not stop.is_set():
-        for run in sorted(out.glob("resnet8-*")):
+        held = {run: held_lock_pid(run) for run in sorted(out.glob("resnet8-*"))}
+        trainers.append(sum(pid is not None for pid in held.values()))
+        for run, pid in held.items():
             status = rundir.read_json(run / rundir.STATUS) or {}
-            pid = held_lock_pid(run)
-            if status.get("state") == "running" and 1 <= status.get("epoch", 0) < 3 and pid and pid != os.getpid():
+            if not killed and status.get("state") == "running" and 1 <= status.get("epoch", 0) < 3 and pid:
                 killed.update(run=run.name, pid=pid, first_row=rundir.read_metrics(run / rundir.METRICS)[0])
                 os.kill(pid, signal.SIGKILL)
-                return
         time.sleep(0.1)
 
 
@@ -148,8 +146,8 @@ def test_ray_study_equals_local_and_a_killed_worker_resumes(cluster, tiny_refere
     from normlab.backends.ray import RayBackend
 
     opts = RuntimeOptions(data_dir=str(data), progress=False, checkpoint_minutes=0.005)
-    display, killed, stop = Recorder(), {}, threading.Event()
-    killer = threading.Thread(target=kill_a_worker_mid_run, args=(out, killed, stop))
+    display, killed, trainers, stop = Recorder(), {}, [], threading.Event()
+    killer = threading.Thread(target=watch_and_kill, args=(out, killed, trainers, stop))
     killer.start()
     try:
         with RayBackend(opts, address=cluster["address"], cpus_per_run=1, gpus_per_run=0.5) as backend:
@@ -164,7 +162,7 @@ def test_ray_study_equals_local_and_a_killed_worker_resumes(cluster, tiny_refere
     assert rundir.read_metrics(out / killed["run"] / rundir.METRICS)[0] == killed["first_row"]
     # live progress came from the tasks; half a GPU each: two runs at once on the cluster's one GPU
     assert {item[0] for item in display.progress_items} == set(results)
-    assert display.most == 2
+    assert max(trainers) == 2
     info = rundir.read_json(out / killed["run"] / rundir.CONFIG)
     assert info["threads"] == 1  # --cpus-per-run sets the run's threads, as --threads does locally
     # the same command again (--address auto: the cluster in $RAY_ADDRESS): finished runs are skipped
