@@ -34,3 +34,38 @@ def write_cifar_fixture(root: Path, n_per_file: int = 20, seed: int = 0) -> Path
 @pytest.fixture
 def cifar_fixture(tmp_path):
     return write_cifar_fixture(tmp_path / "data")
+
+
+TINY_STUDY = ("name: tiny\nworkers: 1\nbase: {model: resnet8, data: cifar10, epochs: 3, batch_size: 10}\n"
+              "studies:\n  norms:\n    - {norm: [bn, 'gn:4', ln]}\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """A three-run study (ResNet-8, 3 epochs, 500 images) trained by the local runner, one thread
+    per run: what the cluster backends must reproduce. Returns (preset, data dir, results)."""
+    from normlab.config import RuntimeOptions
+    from normlab.study import expand, run_study
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_cifar_fixture(root / "data", n_per_file=100)
+    preset = root / "tiny.yaml"
+    preset.write_text(TINY_STUDY)
+    results = run_study(expand(str(preset)), root / "local", RuntimeOptions(data_dir=str(data), threads=1,
+                                                                          progress=False))
+    assert all(r["state"] == "done" for r in results.values())
+    return preset, data, root / "local"
+
+
+def same_metrics(out: Path, reference: Path) -> None:
+    """Every run of `reference` is done in `out` with the same metrics, timing columns aside."""
+    from normlab import rundir
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    runs = sorted(p.name for p in reference.iterdir() if (p / rundir.CONFIG).exists())
+    assert runs
+    for name in runs:
+        assert rundir.read_json(out / name / rundir.STATUS)["state"] == "done", name
+        assert strip(rundir.read_metrics(out / name / rundir.METRICS)) == \
+            strip(rundir.read_metrics(reference / name / rundir.METRICS)), name

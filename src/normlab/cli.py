@@ -95,6 +95,28 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                         "directory is renamed, never deleted)")
 
 
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where to run (see README, Scaling out)")
+    g.add_argument("--backend", default="local", choices=["local", "ray", "slurm"],
+                   help="local: this machine (--workers processes); ray: a Ray cluster, a task per run "
+                        "(pip install 'normlab[ray]'); slurm: one SLURM job array through submitit (pip "
+                        "install 'normlab[slurm]'). --out must be shared by every node (default: %(default)s)")
+    g.add_argument("--address", help="ray: the cluster's HOST:PORT, or auto: RAY_ADDRESS or the cluster "
+                   "started on this machine with `ray start` (default: auto)")
+    g.add_argument("--cpus-per-run", type=float, metavar="N", help="ray, slurm: CPU cores per run, also "
+                   "its torch threads (default: 1)")
+    g.add_argument("--gpus-per-run", type=float, metavar="G", help="ray, slurm: GPUs per run; on Ray a "
+                   "fraction packs runs on a GPU, e.g. 0.25 (default: 1 where there are GPUs, else 0)")
+    g.add_argument("--partition", help="slurm: the partition (default: the cluster's default)")
+    g.add_argument("--time", dest="time_limit", metavar="HH:MM:SS", help="slurm: time limit per run; a run "
+                   "that needs longer is checkpointed and requeued (default: the partition's limit, at "
+                   "most 24:00:00)")
+    g.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="slurm: another sbatch option, "
+                   "e.g. --sbatch account=myproject --sbatch qos=high")
+    g.add_argument("--no-wait", dest="wait", action="store_false", help="slurm: return once the job array "
+                   "is queued; the same command later waits for it and writes the report")
+
+
 def run_config(args, processes: int = 1) -> RunConfig:
     """The run config of `normlab train`; under torchrun the K processes are its K devices,
     so that the run is the same (same id) as --virtual-gpus K in one process."""
@@ -185,6 +207,7 @@ def train_run(args, group) -> int:
 def cmd_reproduce(args) -> int:
     from .engine import resolve_device
     from .precision import choose_amp
+    from .backends import make_backend, parse_sbatch
     from .progress import StudyDisplay
     from .report import build_report
     from .study import expand, images_per_run, parse_overrides, run_study, steps_per_epoch
@@ -213,11 +236,20 @@ def cmd_reproduce(args) -> int:
         return 0
     opts = runtime_options(args)
     print(describe_precision(*choose_amp(resolve_device(opts.device), opts.amp)))
+    backend = make_backend(args.backend, opts, args.workers or (study.workers if args.backend == "local" else None),
+                           address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                           partition=args.partition, time_limit=args.time_limit,
+                           sbatch=parse_sbatch(args.sbatch), wait=args.wait)
     display = StudyDisplay(enabled=opts.progress)
     try:
-        results = run_study(study, out, opts, args.workers or study.workers, display, force=args.force)
+        with backend:
+            results = run_study(study, out, opts, display=display, force=args.force, backend=backend)
     finally:
         display.close()
+    if backend.detached:
+        print(f"normlab: the runs train on the cluster; run the same command again to wait for them and "
+              f"write the report, or `normlab report {out}` for what has finished")
+        return 0
     states = [r.get("state") for r in results.values()]
     report = build_report(out)
     print(f"report: {report}")
@@ -418,7 +450,8 @@ def build_parser() -> Parser:
                    "batch-size, groups")
     p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
     p.add_argument("--workers", type=int, help="runs at once; one per GPU when there are several, "
-                   "CPU threads split between them (default: the preset's)")
+                   "CPU threads split between them (default: the preset's; with --backend ray or slurm, "
+                   "as many as the cluster takes)")
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], metavar="N,N,...",
                    help="batch sizes of the batch-size study, e.g. 256,128,64,32,16,8 (the report's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run setting for "
@@ -428,6 +461,7 @@ def build_parser() -> Parser:
     p.add_argument("--quiet", action="store_true", help="no live display (there is none when stderr "
                    "is not a terminal; the line per finished run is always printed)")
     add_runtime_options(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="write report.md and figures from run directories",

@@ -1,21 +1,15 @@
-"""Studies: named grids of runs, expanded from YAML, run by a local pool of workers.
+"""Studies: named grids of runs, expanded from YAML, handed to a backend (backends/).
 
 A preset (presets/*.yaml, or the user's own file) has `base` (RunConfig fields shared by every
 run) and `studies`, each a list of grids: dicts whose list values are crossed. Runs are
 identified by their config, so a run shared by two studies is trained once. The runner skips
 finished runs, resumes unfinished ones, and never runs one run twice at the same time
-(each holds its run directory's lock).
+(each holds its run directory's lock), whichever backend trains them.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import multiprocessing
-import os
-import queue
-import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -153,159 +147,73 @@ def run_status(run_dir: Path, cfg: RunConfig) -> dict:
     return rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
 
 
-# -- workers -----------------------------------------------------------------------------------
-_progress_queue = None
+def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, display=None,
+              force: bool = False, backend=None) -> dict[str, dict]:
+    """Train every unfinished run of the study into out/<run-id>/ with a backend (by default a
+    local pool of `workers` processes). Returns run id -> status.
 
-
-def _worker_init(progress_queue, threads: int | None) -> None:
-    """In each worker process: report progress to the parent; checkpoint on signals."""
-    global _progress_queue
-    _progress_queue = progress_queue
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-    from .engine import STOP
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: STOP.set())
-
-
-def train_one(cfg_dict: dict, run_dir: str, opts: RuntimeOptions, force: bool = False) -> dict:
-    """Train one run; never raises for the run's own failures (they are its status)."""
-    from .engine import Interrupted, RunBusy, train
-
-    cfg = RunConfig.from_dict(cfg_dict)
-    last = [0.0]
-
-    def on_progress(run):
-        now = time.monotonic()
-        if _progress_queue is not None and (now - last[0] > 0.5 or run.step == run.steps):
-            last[0] = now
-            _progress_queue.put((cfg.run_id(), run.epoch, run.step, run.steps))
-
-    try:
-        return train(cfg, run_dir, opts, force=force, on_progress=on_progress)
-    except Interrupted:
-        return {"state": "interrupted"}
-    except RunBusy:
-        return {"state": "busy"}
-    except NormlabError as err:
-        return {"state": "failed", "error": str(err)}
-    except Exception as err:  # a crash in one run must not stop the study; it is recorded
-        return {"state": "failed", "error": f"{type(err).__name__}: {err}"}
-
-
-def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int, display=None,
-              force: bool = False) -> dict[str, dict]:
-    """Train every unfinished run of the study into out/<run-id>/. Returns run id -> status."""
+    The rules every backend shares live here: finished runs are skipped, unfinished ones
+    resume from their checkpoints, and a run that another process is training is waited for,
+    then tried again (its lock guarantees that it is never trained twice at once)."""
+    from .backends.base import RunJob
+    from .backends.local import LocalBackend
     from .engine import STOP
 
     out = Path(out)
+    owned = backend is None
+    backend = backend or LocalBackend(opts, workers)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        backend.open(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise NormlabError(f"cannot write to {out} ({err.strerror}); choose a writable --out") from None
         rundir.remove_stale_temps(out)  # left by a study killed while writing study.json
+        backend.prepare(out)
         rundir.write_json(out / "study.json", {
             "name": study.name, "description": study.description,
             "studies": study.membership, "runs": {k: c.to_dict() for k, c in study.runs.items()}})
-    except OSError as err:
-        raise NormlabError(f"cannot write to {out} ({err.strerror}); choose a writable --out") from None
-    results = {rid: run_status(out / rid, cfg) for rid, cfg in study.runs.items()}
-    pending = [rid for rid in study.runs if results[rid]["state"] not in rundir.FINISHED]
-    pending.sort(key=lambda rid: -relative_cost(study.runs[rid]))  # longest first: less idle at the end
-    if display:
-        display.start(study, results, pending)
-    if not pending:
-        return results
-    threads = opts.threads
-    gpus = 0
-    if opts.device in ("auto", "cuda"):
-        import torch
-        gpus = torch.cuda.device_count()
-    if not threads and not gpus:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-    todo, waiting = list(pending), []
-
-    def settle(rid: str, result: dict) -> None:
-        """Record a run's outcome; one held by another process is retried later."""
-        if result.get("state") == "busy":
-            waiting.append(rid)
-            if display:
-                display.defer(rid)
-            return
-        results[rid] = result
+        results = {rid: run_status(out / rid, cfg) for rid, cfg in study.runs.items()}
+        todo = [rid for rid in study.runs if results[rid]["state"] not in rundir.FINISHED]
+        todo.sort(key=lambda rid: -relative_cost(study.runs[rid]))  # longest first: less idle at the end
         if display:
-            display.end(rid, result)
-
-    def next_round() -> bool:
-        """When only runs held elsewhere are left, wait for their holders, then retry."""
-        if todo or not waiting or STOP.is_set():
-            return bool(todo)
-        time.sleep(1.0)
-        for rid in list(waiting):
-            status = run_status(out / rid, study.runs[rid])
-            if status["state"] in rundir.FINISHED:
-                waiting.remove(rid)
-                settle(rid, status)
-        todo.extend(waiting)
-        waiting.clear()
-        return bool(todo)
-
-    if workers == 1:  # in this process: the CLI's signal handlers stay in charge
-        opts_run = dataclasses.replace(opts, threads=threads, progress=False)
-        while todo or next_round():
-            rid = todo.pop(0)
-            if STOP.is_set():
-                break
-            if display:
-                display.begin(rid)
-            settle(rid, _train_inline(study.runs[rid], out / rid, opts_run, display, force))
-        return results
-    context = multiprocessing.get_context("spawn")
-    progress_queue = context.Queue()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(progress_queue, threads)) as pool:
-        futures, slot, stopping = {}, 0, False
-        while todo or futures or next_round():
-            while todo and len(futures) < workers and not STOP.is_set():
-                rid = todo.pop(0)
-                device = f"cuda:{slot % gpus}" if gpus else opts.device
-                slot += 1
-                run_opts = dataclasses.replace(opts, device=device, threads=threads, progress=False)
-                futures[pool.submit(train_one, study.runs[rid].to_dict(), str(out / rid), run_opts, force)] = rid
+            display.start(study, results, todo)
+        while todo and not STOP.is_set():
+            jobs = [RunJob(rid, study.runs[rid].to_dict(), str((out / rid).absolute()), force) for rid in todo]
+            waiting = []
+            for rid, result in backend.train(jobs, display):
+                if result.get("state") == "busy":  # held by another process: wait for it
+                    waiting.append(rid)
+                    if display:
+                        display.defer(rid)
+                    continue
+                results[rid] = result
                 if display:
-                    display.begin(rid)
-            if STOP.is_set() and not stopping:  # forward the stop to the workers once
-                stopping = True
-                todo.clear()
-                for process in list(getattr(pool, "_processes", {}).values()):
-                    if process.is_alive():
-                        os.kill(process.pid, signal.SIGTERM)
-            done, _ = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
-            _drain(progress_queue, display)
-            for future in done:
-                rid = futures.pop(future)
-                settle(rid, future.result())
-    return results
-
-
-def _train_inline(cfg: RunConfig, run_dir: Path, opts: RuntimeOptions, display, force: bool) -> dict:
-    global _progress_queue
-
-    class Direct:
-        def put(self, item):
-            if display:
-                display.progress(*item)
-    _progress_queue = Direct()
-    try:
-        return train_one(cfg.to_dict(), str(run_dir), opts, force)
+                    display.end(rid, result)
+            if backend.detached:
+                break
+            todo = _wait_for_holders(study, out, waiting, results, display)
+        return results
     finally:
-        _progress_queue = None
+        if owned:
+            backend.close()
 
 
-def _drain(progress_queue, display) -> None:
-    while True:
-        try:
-            item = progress_queue.get_nowait()
-        except (queue.Empty, OSError, EOFError):
-            return
-        if display:
-            display.progress(*item)
+def _wait_for_holders(study: Study, out: Path, waiting: list[str], results: dict, display) -> list[str]:
+    """Runs that other processes were training: those now finished are settled, the rest are
+    tried again after a second (their lock is free again if the holder died)."""
+    from .engine import STOP
+
+    if not waiting or STOP.is_set():
+        return []
+    time.sleep(1.0)
+    again = []
+    for rid in waiting:
+        status = run_status(out / rid, study.runs[rid])
+        if status["state"] in rundir.FINISHED:
+            results[rid] = status
+            if display:
+                display.end(rid, status)
+        else:
+            again.append(rid)
+    return again

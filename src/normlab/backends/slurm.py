@@ -1,0 +1,325 @@
+"""A SLURM cluster: the study's runs go out as one job array, through submitit.
+
+Each array task trains one run into the results directory, which every node must share.
+On SLURM's warning signal (USR2, sent before a time limit or, where the cluster is set up for
+it, a preemption) submitit calls TrainRun.checkpoint(): the run checkpoints at its next step
+and the task is requeued, to resume there. With --no-wait this process returns once the
+array is queued; the array's task ids are kept in OUT/.slurm/jobs.json, so that a later
+`normlab reproduce` waits for the runs still queued instead of submitting them again (and
+`normlab report` reads whatever has finished). This process follows the tasks with squeue
+and the run directories: the cluster needs no accounting database (sacct).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from .. import rundir
+from ..config import RuntimeOptions
+from ..errors import NormlabError
+from .base import Backend, RunJob, options_for_nodes, positive, train_one
+
+try:
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError:  # the extra is missing: SlurmBackend() says how to install it
+    submitit, Checkpointable = None, object
+
+INSTALL = "--backend slurm needs submitit, an extra of normlab: pip install 'normlab[slurm]'"
+COMMANDS = ("sbatch", "squeue", "sinfo", "scontrol", "srun")
+MAX_TIMEOUTS = 20        # requeues after hitting --time (preemptions do not count)
+SIGNAL_SECONDS = 90      # the warning comes this long before the time limit
+POLL_SECONDS = 3         # how often squeue and the run directories are read
+BUSY_SECONDS = 10        # a task whose run another process trains checks back this often
+RESULT_GRACE = 15        # seconds a shared filesystem may lag behind a task that ended
+DEFAULT_MINUTES = 24 * 60
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "PREEMPTED"}
+
+
+class TrainRun(Checkpointable):
+    """One array task: train one run. Training runs in a thread so that the main thread is free
+    for SLURM's signal, whose handler (submitit's) calls checkpoint() and then requeues."""
+
+    def __call__(self, job: RunJob, opts: RuntimeOptions) -> dict:
+        from ..engine import STOP
+
+        STOP.clear()
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._train, args=(job, opts), daemon=True)
+        self.thread.start()
+        while self.thread.is_alive():
+            self.thread.join(0.5)
+        return self.result
+
+    def _train(self, job: RunJob, opts: RuntimeOptions) -> None:
+        from ..engine import STOP
+
+        result = train_one(job, opts)
+        while result.get("state") == "busy" and not STOP.wait(BUSY_SECONDS):
+            result = train_one(job, opts)  # its lock may be free now: resume, or skip it if finished
+        self.result.update(result)
+
+    def checkpoint(self, job: RunJob, opts: RuntimeOptions) -> "DelayedSubmission":
+        """Called on the warning signal: checkpoint at the next step, then resume from there."""
+        from ..engine import STOP
+
+        STOP.set()
+        if getattr(self, "thread", None) is not None:
+            self.thread.join()
+        return DelayedSubmission(TrainRun(), job, opts)
+
+
+def minutes(text: str) -> int | None:
+    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) in whole minutes, rounded up;
+    None for infinite."""
+    text = text.strip()
+    if text.lower() in ("infinite", "unlimited"):
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not match:
+        raise ValueError(text)
+    days, a, b, c = (int(v) if v else 0 for v in match.groups())
+    if match.group(1) or match.group(4):  # D-HH[:MM[:SS]] or HH:MM:SS
+        hours, mins, secs = a, b, c
+    else:                                 # MM or MM:SS
+        hours, mins, secs = 0, a, b
+    return math.ceil((((days * 24 + hours) * 60 + mins) * 60 + secs) / 60)
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in a node's generic resources, e.g. 'gpu:a100:4(S:0-1),shard:8' -> 4."""
+    count = 0
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+        fields = item.strip().split(":")
+        if fields[0] == "gpu" and len(fields) > 1 and fields[-1].isdigit():
+            count += int(fields[-1])
+    return count
+
+
+def _command(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def partitions() -> tuple[dict[str, list[tuple[int, int | None, int]]], str | None]:
+    """Partition -> [(GPUs, time limit in minutes, CPUs) per node group], and the default."""
+    done = _command(["sinfo", "-h", "-o", "%P|%G|%l|%c"])
+    if done.returncode:
+        first = (done.stderr.strip().splitlines() or ["no answer"])[-1]
+        raise NormlabError(f"sinfo cannot reach the SLURM controller ({first}); check the cluster "
+                           f"with `sinfo`, or use --backend local")
+    found, default = {}, None
+    for line in done.stdout.splitlines():
+        name, gres, limit, cpus = line.split("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        found.setdefault(name, []).append((_gpus(gres), minutes(limit) if limit else None,
+                                           int(re.sub(r"\D.*", "", cpus) or 0)))
+    return found, default
+
+
+def queue_states(array_ids: set[str]) -> dict[str, str] | None:
+    """Task id ('123_4') -> state for the arrays' tasks that SLURM still knows; None when
+    squeue cannot answer now (try again later). A task missing from the answer has ended
+    long enough ago for SLURM to forget it."""
+    if not array_ids:
+        return {}
+    done = _command(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(sorted(array_ids))])
+    if done.returncode:
+        return {} if "Invalid job id" in done.stderr else None
+    states = {}
+    for line in done.stdout.splitlines():
+        task, _, state = line.strip().partition(" ")
+        states[task] = state.split()[0] if state else "UNKNOWN"
+    return states
+
+
+@dataclasses.dataclass
+class Task:
+    run_id: str
+    run_dir: Path
+    job: "submitit.SlurmJob"
+    ended_at: float | None = None   # when squeue first showed it ended without a result
+    epoch: int = -1                 # last epoch shown on the display
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, opts: RuntimeOptions, partition: str | None = None, cpus_per_run: float | None = None,
+                 gpus_per_run: float | None = None, time_limit: str | None = None,
+                 sbatch: dict | None = None, workers: int | None = None, wait: bool = True):
+        if submitit is None:
+            raise NormlabError(INSTALL)
+        positive(cpus_per_run, "--cpus-per-run", whole=True)
+        positive(gpus_per_run, "--gpus-per-run", whole=True)
+        if opts.device.startswith("cuda:"):
+            raise NormlabError(f"--device {opts.device} names a GPU of this machine; on SLURM each run "
+                               f"gets its own GPUs: use --device cuda (or auto)")
+        if opts.device == "cpu" and gpus_per_run:
+            raise NormlabError("--gpus-per-run with --device cpu: leave one of them out")
+        self.minutes = None
+        if time_limit is not None:
+            try:
+                self.minutes = minutes(time_limit)
+            except ValueError:
+                self.minutes = 0
+            if not self.minutes:
+                raise NormlabError(f"--time must be a time limit per run such as 04:00:00 (HH:MM:SS), "
+                                   f"1-00:00:00 or 90 (minutes), got '{time_limit}'")
+        self.opts, self.partition, self.sbatch, self.workers, self.wait = (
+            opts, partition, dict(sbatch or {}), workers, wait)
+        self.cpus = int(cpus_per_run or 1)
+        self.gpus = None if gpus_per_run is None else int(gpus_per_run)
+
+    # -- checks before anything is written ------------------------------------------------
+    def open(self, out: Path) -> None:
+        missing = next((c for c in COMMANDS if shutil.which(c) is None), None)
+        if missing:
+            raise NormlabError(f"'{missing}' is not on the PATH: run normlab on a login node of the "
+                               f"SLURM cluster, or use --backend local or ray")
+        found, default = partitions()
+        self.partition = self.partition or default
+        if not self.partition or self.partition not in found:
+            given = f"no partition '{self.partition}'" if self.partition else "no default partition"
+            raise NormlabError(f"{given} on this SLURM cluster; choose one with --partition: "
+                               f"{', '.join(found) or 'none found'}")
+        nodes = found[self.partition]
+        most_gpus = max(g for g, _, _ in nodes)
+        most_cpus = max(c for _, _, c in nodes)
+        limits = [t for _, t, _ in nodes if t is not None]
+        limit = max(limits) if len(limits) == len(nodes) else None
+        if self.gpus is None:
+            self.gpus = 1 if most_gpus and self.opts.device != "cpu" else 0
+        if self.gpus > most_gpus:
+            raise NormlabError(f"--gpus-per-run {self.gpus} is more than a node of partition "
+                               f"'{self.partition}' has ({most_gpus} GPUs); lower it"
+                               + ("" if most_gpus else ", or leave it out to train on CPUs"))
+        if self.cpus > most_cpus:
+            raise NormlabError(f"--cpus-per-run {self.cpus} is more than a node of partition "
+                               f"'{self.partition}' has ({most_cpus} CPUs); lower it")
+        if self.opts.device == "cuda" and not self.gpus:
+            raise NormlabError(f"--device cuda, but partition '{self.partition}' has no GPUs; "
+                               f"use --device auto or cpu, or another --partition")
+        if self.minutes is None:
+            self.minutes = min(limit, DEFAULT_MINUTES) if limit else DEFAULT_MINUTES
+        elif limit is not None and self.minutes > limit:
+            raise NormlabError(f"--time is more than partition '{self.partition}' allows ({limit} "
+                               f"minutes); lower it (a run that needs longer is checkpointed and requeued)")
+        self.run_opts = options_for_nodes(self.opts, self.cpus, self.gpus)
+        self.folder = Path(out).absolute() / ".slurm"
+
+    # -- submitting and following --------------------------------------------------------
+    def _record(self) -> dict[str, str]:
+        return (rundir.read_json(self.folder / "jobs.json") or {}).get("runs", {})
+
+    def _job(self, task_id: str):
+        return submitit.SlurmJob(folder=self.folder / "%j", job_id=task_id)
+
+    def _submit(self, jobs: list[RunJob]) -> dict[str, str]:
+        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=MAX_TIMEOUTS)
+        executor.update_parameters(
+            job_name="normlab", partition=self.partition, time=self.minutes, nodes=1, ntasks_per_node=1,
+            cpus_per_task=self.cpus, gpus_per_node=self.gpus or None, signal_delay_s=SIGNAL_SECONDS,
+            array_parallelism=self.workers or 256, additional_parameters=self.sbatch or None)
+        quiet = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(quiet):  # submitit prints sbatch's errors, several lines
+                submitted = executor.map_array(TrainRun(), jobs, [self.run_opts] * len(jobs))
+        except (submitit.core.utils.FailedJobError, OSError) as err:
+            lines = [l for l in str(err).splitlines() if l.strip()]
+            raise NormlabError(f"sbatch refused the job array ({lines[-1] if lines else err}); check "
+                               f"--partition, --time, --cpus-per-run, --gpus-per-run and --sbatch") from None
+        ids = {job.run_id: task.job_id for job, task in zip(jobs, submitted)}
+        record = {**self._record(), **ids}
+        rundir.write_json(self.folder / "jobs.json", {"runs": record})
+        return ids
+
+    def train(self, jobs: list[RunJob], display=None) -> Iterator[tuple[str, dict]]:
+        from ..engine import STOP
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = self._record()
+        earlier = {record[j.run_id] for j in jobs if j.run_id in record}
+        states = queue_states({t.split("_")[0] for t in earlier})
+        if states is None:  # never submit twice what may still be queued
+            raise NormlabError("squeue cannot reach the SLURM controller; check the cluster with "
+                               "`squeue`, then run the same command again")
+        live = {j.run_id: record[j.run_id] for j in jobs
+                if j.run_id in record and states.get(record[j.run_id], "ENDED") not in ENDED}
+        new = [j for j in jobs if j.run_id not in live]
+        ids = self._submit(new) if new else {}
+        arrays = sorted({t.split("_")[0] for t in [*live.values(), *ids.values()]})
+        tqdm.write(f"SLURM job array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)} on partition "
+                   f"'{self.partition}': {len(new)} runs submitted, {len(live)} already queued "
+                   f"(follow them with: squeue -j {','.join(arrays)})")
+        if not self.wait:
+            self.detached = True
+            return
+        run_dirs = {j.run_id: Path(j.run_dir) for j in jobs}
+        tasks = {tid: Task(rid, run_dirs[rid], self._job(tid)) for rid, tid in {**live, **ids}.items()}
+        yield from self._follow(tasks, display, STOP)
+
+    def _follow(self, tasks: dict[str, Task], display, stop) -> Iterator[tuple[str, dict]]:
+        self.following = set(tasks)
+        while tasks:
+            if stop.is_set():
+                tqdm.write("normlab: stopped waiting; the SLURM jobs keep running: run the same command "
+                           "again to wait for them, or scancel them")
+                return
+            states = queue_states({tid.split("_")[0] for tid in tasks})
+            for tid, task in list(tasks.items()):
+                result = self._outcome(tid, task, states)
+                if result is not None:
+                    del tasks[tid]
+                    yield task.run_id, result
+                elif display and states and states.get(tid) == "RUNNING":
+                    self._show_progress(task, display)
+            if tasks:
+                stop.wait(POLL_SECONDS)
+
+    def _outcome(self, tid: str, task: Task, states: dict | None) -> dict | None:
+        """The task's result once it has ended; None while it is queued or running."""
+        if task.job.paths.result_pickle.exists():
+            outcome, value = submitit.core.utils.pickle_load(task.job.paths.result_pickle)
+            if outcome == "success":
+                return value
+            lines = [l for l in str(value).splitlines() if l.strip()]
+            return {"state": "failed", "error": lines[-1] if lines else "the task raised an error"}
+        if states is None or states.get(tid, "ENDED") not in ENDED:
+            task.ended_at = None
+            return None
+        task.ended_at = task.ended_at or time.monotonic()
+        if time.monotonic() - task.ended_at < RESULT_GRACE:
+            return None  # a shared filesystem may show the result a little later
+        state = states.get(tid, "ENDED")
+        if not task.job.paths.stdout.exists():
+            _command(["scancel", *sorted({t.split("_")[0] for t in self.following})])
+            raise NormlabError(f"SLURM task {tid} ended ({state}) without writing its log to "
+                               f"{task.job.paths.stdout.parent}; --out must be a directory that every "
+                               f"node shares and can write (the study's jobs were cancelled)")
+        status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
+        if status.get("state") in rundir.FINISHED:
+            return status
+        return {"state": "failed", "error": f"SLURM task {tid} ended ({state}) without a result; "
+                                            f"see {task.job.paths.stderr}"}
+
+    def _show_progress(self, task: Task, display) -> None:
+        """Running tasks' progress, from their run directories (one step per epoch)."""
+        status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
+        info = rundir.read_json(task.run_dir / rundir.CONFIG) or {}
+        epoch, steps = status.get("epoch"), info.get("steps_per_epoch")
+        if isinstance(epoch, int) and steps and epoch != task.epoch:
+            task.epoch = epoch
+            display.progress(task.run_id, epoch, 0, steps)
