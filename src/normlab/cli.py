@@ -235,11 +235,12 @@ def cmd_reproduce(args) -> int:
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
     opts = runtime_options(args)
-    print(describe_precision(*choose_amp(resolve_device(opts.device), opts.amp)))
     backend = make_backend(args.backend, opts, args.workers or (study.workers if args.backend == "local" else None),
                            address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                            partition=args.partition, time_limit=args.time_limit,
                            sbatch=parse_sbatch(args.sbatch), wait=args.wait)
+    if args.backend == "local":  # on a cluster each node decides for itself (recorded per run)
+        print(describe_precision(*choose_amp(resolve_device(opts.device), opts.amp)))
     display = StudyDisplay(enabled=opts.progress)
     try:
         with backend:
