@@ -62,7 +62,7 @@ BAD = [
     (["--candidates", "bn,ln"], "'bn' has no groups"),
     (["--candidates", "gn:3,ln"], "divides the 16 channels"),
     (["--val-split", "0"], "held-out validation split"),
-    (["--val-split", "4000"], "--val-split 4000 must be between"),
+    (["--val-split", "4000"], "--val-split 4000 leaves no training images"),
     (["--epochs", "1"], "too small for one rung"),
     (["--epochs", "4", "--min-epochs", "4"], "too small for one rung"),
     (["--min-epochs", "0"], "--min-epochs must be a positive"),
