@@ -8,6 +8,7 @@ continues exactly as if it had never stopped (bit-identical on CPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import math
@@ -25,7 +26,7 @@ from .config import RunConfig, RuntimeOptions
 from .data import Dataset, Normalizer, augment, load_dataset
 from .errors import NormlabError
 from .models import cifar_resnet
-from .norms import norm_layers, parse_norm, set_chunk_size
+from .norms import norm_layers, parse_norm, precise_statistics, renorm_layers, set_chunk_size
 
 # Set by the CLI's signal handlers: finish the current step, checkpoint, exit.
 STOP = threading.Event()
@@ -114,10 +115,13 @@ class Run:
                                   self.cfg.shortcut, self.cfg.zero_init_residual)
         self.layers = norm_layers(self.model)
         set_chunk_size(self.model, self.cfg.batch_size if self.cfg.virtual_gpus > 1 else None)
+        self.renorm = renorm_layers(self.model)  # Batch Renorm: r_max / d_max set before every step
+        self.renorm_limits: tuple[float, float] | None = None
+        self.precise_images = self.precise_bn_images()
         # channels_last speeds up BN's kernels on CPU and CUDA, but GN's kernels are NCHW-only
-        # on CUDA and much slower in channels_last on CPU (see benchmarks/): BN only by default.
+        # on CUDA and much slower in channels_last on CPU (see benchmarks/): BN and BRN only.
         self.channels_last = (opts.channels_last if opts.channels_last is not None
-                              else parse_norm(self.cfg.norm).kind == "bn")
+                              else parse_norm(self.cfg.norm).channels_last)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory_format)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -133,6 +137,35 @@ class Run:
         self.epoch_seconds = 0.0
         self.rows: list[dict] = []
 
+    def set_renorm_limits(self) -> None:
+        """Batch Renorm's r_max and d_max at this step (a function of the step alone, so a
+        resumed run continues exactly); the layers are touched only when the values change."""
+        cfg = self.cfg
+        limits = cfg.renorm_ramp().limits((self.epoch * self.steps + self.step) / (cfg.epochs * self.steps))
+        if limits != self.renorm_limits:
+            for layer in self.renorm:
+                layer.set_limits(*limits)
+            self.renorm_limits = limits
+
+    def precise_bn_images(self) -> int:
+        """PreciseBN's number of images: --precise-bn M rounded down to whole device batches."""
+        m, n = self.cfg.precise_bn, self.cfg.batch_size
+        if m and not n <= m <= len(self.data.train):
+            raise NormlabError(f"--precise-bn {m} needs between {n} (one device batch) and "
+                               f"{len(self.data.train)} (the training set) images")
+        return m // n * n
+
+    def precise_batches(self):
+        """PreciseBN's inputs: training images chosen and augmented from the run's seed and the
+        epoch (never from the training generator), in the training step's batches."""
+        seed = int(np.random.SeedSequence([self.cfg.seed, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.data.train), generator=generator)[:self.precise_images]
+        for start in range(0, len(order), self.cfg.images_per_step):
+            index = order[start:start + self.cfg.images_per_step].to(self.device)
+            x = self.normalize(augment(self.data.train.images[index], generator))
+            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     # -- the run directory -------------------------------------------------------------
     def describe(self) -> dict:
         data = self.data
@@ -145,6 +178,8 @@ class Run:
                 if self.cfg.virtual_gpus > 1 else
                 f"one device, {self.cfg.batch_size} images per step"),
             "norm_layers": self.layers,
+            **({"precise_bn_images": self.precise_images} if self.precise_images else {}),
+            **({"batch_renorm_ramp": dataclasses.asdict(self.cfg.renorm_ramp())} if self.renorm else {}),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "data": {"name": data.name, "location": data.location, "train": len(data.train),
                      "val": len(data.val) if data.val is not None else 0, "test": len(data.test),
@@ -252,6 +287,8 @@ class Run:
         seconds_before = self.epoch_seconds
         while self.step < self.steps:
             index = self.order[self.step * per_step:(self.step + 1) * per_step].to(self.device)
+            if self.renorm:
+                self.set_renorm_limits()
             loss, wrong = self.train_step(index, cfg.lr_at(self.epoch + self.step / self.steps))
             with torch.no_grad():
                 self.sums += torch.stack([loss.double() * per_step, wrong.double(), count])
@@ -278,11 +315,13 @@ class Run:
         eval_start = time.perf_counter()
         row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum / n, "train_error": 100.0 * wrong / n}
-        if self.data.val is not None:
-            row["val_loss"], row["val_error"] = evaluate(
-                self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast)
-        row["test_loss"], row["test_error"] = evaluate(
-            self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast)
+        with (precise_statistics(self.model, self.precise_batches(), self.autocast) if self.precise_images
+              else contextlib.nullcontext()):
+            if self.data.val is not None:
+                row["val_loss"], row["val_error"] = evaluate(
+                    self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast)
+            row["test_loss"], row["test_error"] = evaluate(
+                self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast)
         row["seconds"] = self.epoch_seconds + time.perf_counter() - eval_start
         row["images_per_s"] = n / self.epoch_seconds if self.epoch_seconds else float("nan")
         return row
