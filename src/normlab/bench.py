@@ -209,24 +209,20 @@ def bench_zoo_layers(device: torch.device, batch: int = 32, repeats: int = 30) -
         layers = {spec: make_norm(spec, channels, act=True).to(device) for spec in ZOO_LAYERS}
         layers["conv 3x3"] = make_conv("gn", channels, channels, 3, 1, 1).to(device)
         layers["conv 3x3 + WS"] = make_conv("gn+ws", channels, channels, 3, 1, 1).to(device)
-        inputs = {}
-        for name in layers:
-            fmt = torch.channels_last if name in ZOO_LAYERS and parse_norm(name).channels_last else torch.contiguous_format
-            inputs[name] = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=fmt)
-            inputs[name].requires_grad_(True)
+        formats = {name: "channels_last" if name in ZOO_LAYERS and parse_norm(name).channels_last else "NCHW"
+                   for name in layers}
+        inputs = {name: torch.randn(batch, channels, size, size, device=device).contiguous(
+            memory_format=torch.channels_last if formats[name] == "channels_last" else torch.contiguous_format
+        ).requires_grad_(True) for name in layers}
         times = {name: [] for name in layers}
         for _ in range(3):
             for name, layer in layers.items():
-                x = inputs[name]
-                grad = torch.randn_like(x)
+                x, grad = inputs[name], torch.randn_like(inputs[name])
                 times[name].append(time_steps(lambda: layer(x).backward(grad), repeats, 3, device) / repeats)
         median = {name: statistics.median(t) for name, t in times.items()}
         for name in layers:
-            base = median["conv 3x3"] if name.startswith("conv") else median["gn:16"]
-            rows.append({"shape": [batch, channels, size, size], "layer": name,
-                         "format": "channels_last" if inputs[name].is_contiguous(memory_format=torch.channels_last)
-                         and channels > 1 and not inputs[name].is_contiguous() else "NCHW",
-                         "microseconds": 1e6 * median[name],
-                         "relative": median[name] / base,
-                         "relative_to": "conv 3x3" if name.startswith("conv") else "gn:16"})
+            base = "conv 3x3" if name.startswith("conv") else "gn:16"
+            rows.append({"shape": [batch, channels, size, size], "layer": name, "format": formats[name],
+                         "microseconds": 1e6 * median[name], "relative": median[name] / median[base],
+                         "relative_to": base})
     return rows

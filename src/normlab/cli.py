@@ -241,7 +241,7 @@ def cmd_bench(args) -> int:
     peak = peak_matmul_flops(device)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    header = (f"{'model':<10} {'norm':<8} {'batch':>7} {'normlab img/s':>14} {'reference img/s':>16} "
+    header = (f"{'model':<10} {'norm':<14} {'batch':>7} {'normlab img/s':>14} {'reference img/s':>16} "
               f"{'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
     print(header)
     results, flops = [], {}
@@ -258,7 +258,7 @@ def cmd_bench(args) -> int:
         batch = f"{cfg.batch_size}x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else str(cfg.batch_size)
         ref = f"{r['reference_images_per_s']:16.1f}" if "reference_images_per_s" in r else f"{'-':>16}"
         speedup = f"{r['speedup']:8.2f}x" if "speedup" in r else f"{'-':>9}"
-        print(f"{cfg.model:<10} {cfg.norm:<8} {batch:>7} {r['normlab_images_per_s']:14.1f} {ref} {speedup} "
+        print(f"{cfg.model:<10} {cfg.norm:<14} {batch:>7} {r['normlab_images_per_s']:14.1f} {ref} {speedup} "
               f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['fraction_of_peak']:6.1f}%", flush=True)
     report = {"command": "normlab " + " ".join(args.argv),
               "peak_matmul_flops": peak, "torch": torch.__version__, "results": results}
