@@ -346,3 +346,14 @@ def test_precise_statistics_pool_the_chunks_and_are_restored_after(spec):
     assert all(torch.equal(before[k], after[k]) for k in before)  # moving averages back, weights untouched
     assert torch.equal(rng, torch.get_rng_state())
     assert model.training
+
+
+@pytest.mark.parametrize("spec", ["brn", "frn:learned-eps", "evonorm-s0:8", "evonorm-b0", "gn:16+ws"])
+def test_new_norms_run_under_bf16_autocast(spec):
+    model = cifar_resnet(8, spec)
+    set_chunk_size(model, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32))
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -182,7 +182,7 @@ class BatchRenorm2d(ChunkedStatistics, nn.Module):
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
             return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
-        chunks = self.chunk_view(x)
+        chunks = self.chunk_view(x.to(self.weight.dtype))  # float32 under bf16 autocast
         with torch.no_grad():  # per-chunk mean and biased variance by the native kernel
             stats = [torch.batch_norm_update_stats(chunk, None, None, 0.0) for chunk in chunks]
             mean, var = (torch.stack(s) for s in zip(*stats))                       # [K, C]

@@ -5,7 +5,8 @@ dependence); x_hat = x / sqrt(nu^2 + |eps|); y = gamma * x_hat + beta; with act=
 z = max(y, tau), tau a learned per-channel threshold (0 at initialization, so TLU starts as
 ReLU). eps = 1e-6, the paper's constant (timm's FilterResponseNormTlu2d defaults to 1e-5); with
 learned_eps, eps is a learned scalar entering as |eps| (the paper's Listing 1), started at 1e-6.
-Before a residual addition (act=False) the layer is FRN alone, without TLU.
+Before a residual addition (act=False) the layer is FRN alone, without TLU. Computed in the
+parameters' precision (float32 under bf16 autocast, as GN is).
 """
 from __future__ import annotations
 
@@ -80,4 +81,4 @@ class FilterResponseNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps.abs() if self.learned_eps else self.eps
-        return FRNFunction.apply(x, self.weight, self.bias, self.tau, eps)
+        return FRNFunction.apply(x.to(self.weight.dtype), self.weight, self.bias, self.tau, eps)
