@@ -245,7 +245,8 @@ def test_shipped_references_hold_the_anchors_numbers():
     assert by[("he2016", "resnet56", "bn", 128)].error == 6.97
     assert by[("he2016", "resnet110", "bn", 128)].note.startswith("best of 5")
     counts = {s: sum(p.source == s for p in published) for s in ("gn-paper", "impl-report", "he2016")}
-    assert counts == {"gn-paper": 23, "impl-report": 3, "he2016": 5}
+    assert counts == {"gn-paper": 24, "impl-report": 3, "he2016": 5}
+    assert by[("gn-paper", "resnet50", "brn", 4)].error == 26.3  # Batch Renorm, Sec. 4.1
     assert all(p.data == "imagenet" and p.devices == 8 for p in published if p.source == "gn-paper")
     assert [p.model for p in references.for_model(published, "resnet110") if p.source == "he2016"] == ["resnet110"]
     assert not [p for p in references.for_model(published, "resnet8") if p.source == "he2016"]
@@ -259,7 +260,7 @@ def test_shipped_references_hold_the_anchors_numbers():
     ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
      "metric: e, approx: false, errors: [{norm: bn, batch_size: 32, error: 120}]}]\n", "between 0 and 100"),
     ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
-     "metric: e, approx: false, errors: [{norm: gn:x, batch_size: 32, error: 1}]}]\n", "unknown norm"),
+     "metric: e, approx: false, errors: [{norm: gnx, batch_size: 32, error: 1}]}]\n", "unknown norm"),
     ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, data: d, devices: 1, setup: s, "
      "metric: e, approx: false, errors: [{norm: bn, batch_size: 32, error: 1}]}]\n", "no 'model'"),
     ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig, RuntimeOptions
 from .engine import Run, resolve_device
 from .models import cifar_resnet
-from .norms import GhostBatchNorm2d, ReferenceGroupNorm, group_norm_reference, make_norm
+from .norms import GhostBatchNorm2d, ReferenceGroupNorm, group_norm_reference, make_conv, make_norm, parse_norm
 
 
 def sync(device: torch.device) -> None:
@@ -82,15 +82,23 @@ class PerSampleCifar(torch.utils.data.Dataset):
 
 
 def reference_model(cfg: RunConfig) -> torch.nn.Module:
-    """The same network with plain norm modules: nn.BatchNorm2d, or GN by the reshape formula."""
+    """The same network with plain norm modules: nn.BatchNorm2d (+ ReLU), or GN by the
+    reshape formula; the other norms are kept as they are (they have no plain counterpart)."""
     model = cifar_resnet(cfg.model, cfg.norm)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.GroupNorm):
-                setattr(module, child_name, ReferenceGroupNorm(child.num_groups, child.num_channels))
+                setattr(module, child_name, ReferenceGroupNorm(child.num_groups, child.num_channels, act=child.act))
             elif isinstance(child, GhostBatchNorm2d):
-                setattr(module, child_name, torch.nn.BatchNorm2d(child.num_features))
+                setattr(module, child_name, (PlainBatchNormReLU if child.act else torch.nn.BatchNorm2d)(child.num_features))
     return model
+
+
+class PlainBatchNormReLU(torch.nn.BatchNorm2d):
+    """nn.BatchNorm2d then ReLU, with BatchNorm2d's parameter names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
 
 
 def time_steps(step, steps: int, warmup: int, device) -> float:
@@ -206,4 +214,35 @@ def bench_norm_layers(device: torch.device, batch: int = 32, groups: int = 16, r
                 seconds = time_steps(step, repeats, 5, device)
                 rows.append({"shape": [batch, channels, size, size], "groups": min(groups, channels),
                              "format": fmt_name, "impl": name, "microseconds": 1e6 * seconds / repeats})
+    return rows
+
+
+ZOO_LAYERS = ("gn:16", "bn", "brn", "frn", "evonorm-s0:16", "evonorm-b0")
+
+
+def bench_zoo_layers(device: torch.device, batch: int = 32, repeats: int = 30) -> list[dict]:
+    """Forward + backward of each norm with its activation (the layer after a conv) at the
+    ResNet-56 shapes, in its default memory format, against GN (G = 16, NCHW); and the WS conv
+    against the plain 3x3 conv. Timed alternately, `repeats` calls each, median of 3 rounds."""
+    rows = []
+    for channels, size in ((16, 32), (32, 16), (64, 8)):
+        layers = {spec: make_norm(spec, channels, act=True).to(device) for spec in ZOO_LAYERS}
+        layers["conv 3x3"] = make_conv("gn", channels, channels, 3, 1, 1).to(device)
+        layers["conv 3x3 + WS"] = make_conv("gn+ws", channels, channels, 3, 1, 1).to(device)
+        formats = {name: "channels_last" if name in ZOO_LAYERS and parse_norm(name).channels_last else "NCHW"
+                   for name in layers}
+        inputs = {name: torch.randn(batch, channels, size, size, device=device).contiguous(
+            memory_format=torch.channels_last if formats[name] == "channels_last" else torch.contiguous_format
+        ).requires_grad_(True) for name in layers}
+        times = {name: [] for name in layers}
+        for _ in range(3):
+            for name, layer in layers.items():
+                x, grad = inputs[name], torch.randn_like(inputs[name])
+                times[name].append(time_steps(lambda: layer(x).backward(grad), repeats, 3, device) / repeats)
+        median = {name: statistics.median(t) for name, t in times.items()}
+        for name in layers:
+            base = "conv 3x3" if name.startswith("conv") else "gn:16"
+            rows.append({"shape": [batch, channels, size, size], "layer": name, "format": formats[name],
+                         "microseconds": 1e6 * median[name], "relative": median[name] / median[base],
+                         "relative_to": base})
     return rows

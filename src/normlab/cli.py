@@ -71,6 +71,23 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-zero-init", dest="zero_init_residual", action="store_false",
                    help="keep gamma = 1 in each block's last norm (default: gamma = 0)")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    g = p.add_argument_group("normalization options")
+    g.add_argument("--precise-bn", type=int, metavar="M", help="PreciseBN: before each evaluation, "
+                   "recompute the running statistics over M training images, pooled (bn, brn, "
+                   "evonorm-b0; default: off, the moving averages)")
+    g.add_argument("--brn-r-max", type=float, default=d.brn_r_max, help="Batch Renorm: final r_max "
+                   "(default: %(default)s)")
+    g.add_argument("--brn-d-max", type=float, default=d.brn_d_max, help="Batch Renorm: final d_max "
+                   "(default: %(default)s)")
+    g.add_argument("--brn-start", type=float, default=d.brn_start, metavar="FRACTION",
+                   help="Batch Renorm: r_max = 1, d_max = 0 (plain BN) for this fraction of the run's "
+                   "steps, then a linear rise (default: %(default).4f = the paper's 5k of 130k steps)")
+    g.add_argument("--brn-r-end", type=float, default=d.brn_r_end, metavar="FRACTION",
+                   help="Batch Renorm: r_max reaches --brn-r-max at this fraction of the run (default: "
+                   "%(default).4f = 40k of 130k)")
+    g.add_argument("--brn-d-end", type=float, default=d.brn_d_end, metavar="FRACTION",
+                   help="Batch Renorm: d_max reaches --brn-d-max at this fraction of the run (default: "
+                   "%(default).4f = 25k of 130k)")
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -122,6 +139,9 @@ def run_config(args, processes: int = 1) -> RunConfig:
     so that the run is the same (same id) as --virtual-gpus K in one process."""
     fields = RunConfig.__dataclass_fields__
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if values.get("precise_bn") is not None and values["precise_bn"] < 1:
+        raise NormlabError(f"--precise-bn must be a positive number of training images, got {values['precise_bn']}")
+    values["precise_bn"] = values.get("precise_bn") or 0
     values["milestones"] = tuple(values.get("milestones") or ())
     if processes > 1 and values.get("virtual_gpus") not in (None, processes):
         raise NormlabError(f"--virtual-gpus {values['virtual_gpus']} under torchrun with {processes} "
@@ -282,7 +302,8 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from .bench import PRECISIONS, bench_config, bench_norm_layers, peak_matmul_flops, training_flops_per_image
+    from .bench import (PRECISIONS, bench_config, bench_norm_layers, bench_zoo_layers, peak_matmul_flops,
+                        training_flops_per_image)
     from .engine import resolve_device
     from .precision import choose_amp
     from .rundir import atomic_write
@@ -304,7 +325,7 @@ def cmd_bench(args) -> int:
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; measured matmul "
           f"peak " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in precisions))
     print(describe_precision(*choose_amp(device, opts.amp)))
-    header = (f"{'model':<10} {'norm':<8} {'batch':>7} {'precision':>9} {'normlab img/s':>14} "
+    header = (f"{'model':<10} {'norm':<14} {'batch':>7} {'precision':>9} {'normlab img/s':>14} "
               f"{'reference img/s':>16} {'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
     print(header)
     results, flops = [], {}
@@ -325,7 +346,7 @@ def cmd_bench(args) -> int:
         ref = f"{r['reference_images_per_s']:16.1f}" if "reference_images_per_s" in r else f"{'-':>16}"
         for p, entry in r["precisions"].items():
             speedup = f"{entry['speedup']:8.2f}x" if "speedup" in entry else f"{'-':>9}"
-            print(f"{cfg.model:<10} {cfg.norm:<8} {batch:>7} {p:>9} {entry['images_per_s']:14.1f} {ref} "
+            print(f"{cfg.model:<10} {cfg.norm:<14} {batch:>7} {p:>9} {entry['images_per_s']:14.1f} {ref} "
                   f"{speedup} {entry['achieved_flops'] / 1e9:8.1f} {100 * entry['fraction_of_peak']:6.1f}%",
                   flush=True)
     report = {"command": "normlab " + " ".join(args.argv), "peak_matmul_flops": peaks.get("fp32"),
@@ -337,6 +358,11 @@ def cmd_bench(args) -> int:
         print("\nnorm layers, forward + backward (microseconds per call), batch 32, G = 16:")
         for row in report["norm_layers"]:
             print(f"  {str(tuple(row['shape'])):<18} {row['format']:<14} {row['impl']:<28} {row['microseconds']:9.1f}")
+        report["zoo_layers"] = bench_zoo_layers(device)
+        print("\nnorm + activation layers and the WS conv, forward + backward, each in its default format:")
+        for row in report["zoo_layers"]:
+            print(f"  {str(tuple(row['shape'])):<18} {row['format']:<14} {row['layer']:<16} "
+                  f"{row['microseconds']:9.1f} us  {row['relative']:5.2f}x {row['relative_to']}")
     if args.json:
         atomic_write(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
@@ -444,11 +470,12 @@ def build_parser() -> Parser:
                        "resumable sweep into OUT/<run-id>/ and write OUT/report.md. Running the same "
                        "command again skips finished runs and resumes unfinished ones.")
     p.add_argument("--preset", default="quick", help="quick (the bundled sample, about 8 min on a 2-core "
-                   "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), or a .yaml file of the same "
-                   "form (default: %(default)s)")
+                   "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), zoo (every norm GN is compared "
+                   "with, ResNet-56 on CIFAR-10, for GPUs), zoo-quick (the same on the bundled sample, "
+                   "under 10 min on a 2-core CPU), or a .yaml file of the same form (default: %(default)s)")
     p.add_argument("--out", default="results", help="results directory (default: %(default)s)")
     p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies: norms, "
-                   "batch-size, groups")
+                   "batch-size, groups (of quick and paper), zoo (of zoo and zoo-quick)")
     p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
     p.add_argument("--workers", type=int, help="runs at once; one per GPU when there are several, "
                    "CPU threads split between them (default: the preset's; with --backend ray or slurm, "

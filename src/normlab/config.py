@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from .data import DATA_CHOICES, SIZES
 from .errors import NormlabError
 from .models import check_norm_fits, parse_model
-from .norms import canonical_norm, parse_norm
+from .norms import RenormRamp, canonical_norm, label, parse_norm
 
 SCHEDULES = ("step", "multistep", "cosine")
 MAX_EPOCHS = 10_000
+RAMP = RenormRamp()  # the paper's ramp, scaled to the run's length
 # RunConfig fields added after normlab 0.1. Left out of a config's dict (and so of its run id
 # and of the config check on resume) while at their defaults, so that every run of 0.1 keeps
 # its id and its results directory resumes: declare new fields with later(default).
@@ -53,6 +54,13 @@ class RunConfig:
     zero_init_residual: bool = True
     seed: int = 0
     sync_bn: bool = later(False)  # BN statistics over all K*N images of a step, not per device
+    # Batch Renorm's r_max / d_max ramp, in fractions of the run's total steps (norms/batch.py)
+    brn_r_max: float = later(RAMP.r_max)
+    brn_d_max: float = later(RAMP.d_max)
+    brn_start: float = later(RAMP.start)   # r_max = 1, d_max = 0 (plain BN) until here
+    brn_r_end: float = later(RAMP.r_end)   # r_max reaches brn_r_max here
+    brn_d_end: float = later(RAMP.d_end)   # d_max reaches brn_d_max here
+    precise_bn: int = later(0)             # PreciseBN: statistics over this many images (0: off)
 
     @property
     def lr(self) -> float:
@@ -93,7 +101,11 @@ class RunConfig:
         cfg = self.normalized()
         vg = f"x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else ""
         digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
-        return f"{cfg.model}-{parse_norm(cfg.norm).tag()}-b{cfg.batch_size}{vg}-s{cfg.seed}-{digest}"
+        precise = "-pbn" if cfg.precise_bn else ""
+        return f"{cfg.model}-{parse_norm(cfg.norm).tag()}{precise}-b{cfg.batch_size}{vg}-s{cfg.seed}-{digest}"
+
+    def renorm_ramp(self) -> RenormRamp:
+        return RenormRamp(self.brn_r_max, self.brn_d_max, self.brn_start, self.brn_r_end, self.brn_d_end)
 
     def validate(self) -> "RunConfig":
         """Check every field; raise NormlabError naming the field and the fix."""
@@ -117,16 +129,19 @@ class RunConfig:
         for name in ("momentum", "weight_decay", "warmup_epochs", "val_split", "seed"):
             if getattr(self, name) < 0:
                 raise NormlabError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        if self.sync_bn and not norm.batch_dependent:
-            raise NormlabError(f"--sync-bn synchronises batch statistics, but norm '{self.norm}' has "
-                               f"none; drop --sync-bn, or use a norm with batch statistics (bn)")
+        if self.sync_bn and norm.kind != "bn":
+            raise NormlabError(f"--sync-bn synchronises BN's batch statistics, but norm '{self.norm}' "
+                               f"{'is not BN' if norm.batch_dependent else 'has none'}; drop --sync-bn, "
+                               f"or use bn")
         if self.sync_bn and self.virtual_gpus == 1:
             raise NormlabError("--sync-bn needs several devices (--virtual-gpus K, or K torchrun "
                                "processes): on one device BN already sees all its images; drop --sync-bn")
         if norm.batch_dependent and self.batch_size == 1 and not self.sync_bn:
-            raise NormlabError("BN cannot train on 1 image per device (its variance is zero); "
-                               "use --batch-size 2 or more, --sync-bn, or a batch-independent norm "
-                               "(gn, ln, in)")
+            raise NormlabError(f"{label(norm)} cannot train on 1 image per device (its batch statistics "
+                               f"would be one image's, unlike at evaluation); use --batch-size 2 or more, "
+                               f"{'--sync-bn, ' if norm.kind == 'bn' else ''}or a batch-independent norm "
+                               f"(gn, ln, in, frn, evonorm-s0)")
+        self.validate_norm_options(norm)
         if self.schedule not in SCHEDULES:
             raise NormlabError(f"unknown schedule '{self.schedule}'; use one of: {', '.join(SCHEDULES)}")
         if self.schedule == "step" and self.step_size < 1:
@@ -146,6 +161,29 @@ class RunConfig:
         if self.shortcut.upper() not in ("A", "B"):
             raise NormlabError(f"unknown shortcut '{self.shortcut}'; use A or B")
         return self
+
+    def validate_norm_options(self, norm) -> None:
+        ramp = [f for f in dataclasses.fields(self) if f.name.startswith("brn_")]
+        changed = [f.name for f in ramp if getattr(self, f.name) != f.default]
+        if changed and norm.kind != "brn":
+            raise NormlabError(f"{flag(changed[0])} applies to Batch Renorm only; use --norm brn, or drop it")
+        for f in ramp:
+            if not math.isfinite(getattr(self, f.name)):
+                raise NormlabError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
+        if self.brn_r_max < 1 or self.brn_d_max < 0:
+            raise NormlabError(f"Batch Renorm needs --brn-r-max >= 1 and --brn-d-max >= 0, got "
+                               f"{self.brn_r_max} and {self.brn_d_max}")
+        if not 0 <= self.brn_start <= min(self.brn_r_end, self.brn_d_end) or max(self.brn_r_end, self.brn_d_end) > 1:
+            raise NormlabError(f"the Batch Renorm ramp needs 0 <= --brn-start <= --brn-r-end, --brn-d-end <= 1 "
+                               f"(fractions of the run), got {self.brn_start}, {self.brn_r_end}, {self.brn_d_end}")
+        if self.precise_bn < 0:
+            raise NormlabError(f"--precise-bn must be a positive number of training images, got {self.precise_bn}")
+        if self.precise_bn and self.sync_bn:
+            raise NormlabError("--precise-bn with --sync-bn is not supported (the synchronised layers "
+                               "would not be recomputed); drop one of them")
+        if self.precise_bn and not norm.has_running_stats:
+            raise NormlabError(f"--precise-bn recomputes running statistics, which {norm.canonical()} does not "
+                               f"keep; use it with bn, brn or evonorm-b0 (or their +ws forms), or drop it")
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at a fractional epoch (0 = start of training)."""

@@ -25,6 +25,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -69,7 +70,7 @@ class Single:
         """A step's sums added over ranks, and its flags agreed: (sums, *flags)."""
         return (sums, *flags)
 
-    def average_buffers(self, model: nn.Module) -> None:
+    def average_buffers(self, *modules: nn.Module) -> None:
         pass
 
     @contextlib.contextmanager
@@ -139,9 +140,9 @@ class Group(Single):
         both = self.sum(torch.cat([sums, torch.tensor(flags, dtype=sums.dtype)]))  # one all-reduce
         return (both[:len(sums)], *(v > 0 for v in both[len(sums):].tolist()))
 
-    def average_buffers(self, model: nn.Module) -> None:
+    def average_buffers(self, *modules: nn.Module) -> None:
         """Every floating-point buffer (BN running statistics and the like) := its mean over ranks."""
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
         if not buffers:
             return
         flat = torch.cat([b.detach().reshape(-1) for b in buffers])
@@ -182,9 +183,8 @@ class Group(Single):
     def attach(self, run) -> None:
         """Synchronise BN if asked, then wrap the (compiled) model in DDP."""
         if run.cfg.sync_bn:
-            if self.backend == "nccl":
-                nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
-            elif not use_naive_sync_bn(run.model):
+            # nn.SyncBatchNorm on NCCL; on gloo (CPU), where it refuses to run, the all-reduce version
+            if not use_sync_bn(run.model, SyncBatchNormAct if self.backend == "nccl" else NaiveSyncBatchNorm):
                 raise NormlabError(f"--sync-bn is implemented for BN layers, and norm '{run.cfg.norm}' "
                                    f"has none; drop --sync-bn")
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -311,14 +311,32 @@ class SumOverRanks(torch.autograd.Function):
         return grad
 
 
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """nn.SyncBatchNorm (CUDA, NCCL), followed by ReLU where the BN it replaces had it (the
+    registry's norm + act: models put the activation inside the norm module)."""
+
+    act = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return F.relu(out) if self.act else out
+
+
 class NaiveSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are taken over the batches of all ranks, for gloo
     on the CPU where nn.SyncBatchNorm refuses to run: one differentiable all-reduce of each
     channel's mean and E[x^2] (detectron2's NaiveSyncBatchNorm), taken about the running mean
     (the same on every rank) so that E[x^2] - mean^2 does not cancel away float32's digits.
-    Every rank must hold the same number of images, which data-parallel steps guarantee."""
+    Every rank must hold the same number of images, which data-parallel steps guarantee.
+    Followed by ReLU where the BN it replaces had it (act)."""
+
+    act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.normalize(x)
+        return F.relu(out) if self.act else out
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         world = dist.get_world_size()
@@ -341,14 +359,15 @@ class NaiveSyncBatchNorm(nn.BatchNorm2d):
         return (centred * scale.view(1, -1, 1, 1) + offset.view(1, -1, 1, 1)).to(x.dtype)
 
 
-def use_naive_sync_bn(module: nn.Module) -> bool:
-    """Replace every BatchNorm2d under `module` by a NaiveSyncBatchNorm holding the same
-    parameters and buffers (so an optimizer built before keeps working). Any replaced?"""
+def use_sync_bn(module: nn.Module, kind: type) -> bool:
+    """Replace every BatchNorm2d under `module` by a `kind` (SyncBatchNormAct or
+    NaiveSyncBatchNorm) holding the same parameters and buffers (so an optimizer built before
+    keeps working) and the same activation. Any replaced?"""
     replaced = False
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, NaiveSyncBatchNorm):
-            sync = NaiveSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                      child.track_running_stats)
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, (NaiveSyncBatchNorm, nn.SyncBatchNorm)):
+            sync = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            sync.act = getattr(child, "act", False)
             sync.weight, sync.bias = child.weight, child.bias
             sync.running_mean, sync.running_var = child.running_mean, child.running_var
             sync.num_batches_tracked = child.num_batches_tracked
@@ -356,5 +375,5 @@ def use_naive_sync_bn(module: nn.Module) -> bool:
             setattr(module, name, sync)
             replaced = True
         else:
-            replaced = use_naive_sync_bn(child) or replaced
+            replaced = use_sync_bn(child, kind) or replaced
     return replaced

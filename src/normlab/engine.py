@@ -8,6 +8,7 @@ continues exactly as if it had never stopped (bit-identical on CPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import random
 import threading
@@ -20,10 +21,10 @@ import torch.nn.functional as F
 
 from . import __version__, checkpoint, distributed, rundir
 from .config import RunConfig, RuntimeOptions
-from .data import Dataset, Normalizer, apply_augmentation, draw_augmentation, load_dataset
+from .data import Dataset, Normalizer, apply_augmentation, augment, draw_augmentation, load_dataset
 from .errors import NormlabError
 from .models import cifar_resnet
-from .norms import norm_layers, parse_norm, set_chunk_size
+from .norms import norm_layers, parse_norm, precise_statistics, renorm_layers, set_chunk_size
 from .precision import choose_amp
 
 # Set by the CLI's signal handlers: finish the current step, checkpoint, exit.
@@ -126,10 +127,13 @@ class Run:
         self.layers = norm_layers(self.model)
         ghost = self.cfg.virtual_gpus > 1 and not self.cfg.sync_bn  # --sync-bn: BN over all K*N
         set_chunk_size(self.model, self.cfg.batch_size if ghost else None)
+        self.renorm = renorm_layers(self.model)  # Batch Renorm: r_max / d_max set before every step
+        self.renorm_limits: tuple[float, float] | None = None
+        self.precise_images = self.precise_bn_images()
         # channels_last speeds up BN's kernels on CPU and CUDA, but GN's kernels are NCHW-only
-        # on CUDA and much slower in channels_last on CPU (see benchmarks/): BN only by default.
+        # on CUDA and much slower in channels_last on CPU (see benchmarks/): BN and BRN only.
         self.channels_last = (opts.channels_last if opts.channels_last is not None
-                              else parse_norm(self.cfg.norm).kind == "bn")
+                              else parse_norm(self.cfg.norm).channels_last)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory_format)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -146,6 +150,35 @@ class Run:
         self.rows: list[dict] = []
         self.resume_state: dict | None = None  # read by open(), applied by run()
 
+    def set_renorm_limits(self) -> None:
+        """Batch Renorm's r_max and d_max at this step (a function of the step alone, so a
+        resumed run continues exactly); the layers are touched only when the values change."""
+        cfg = self.cfg
+        limits = cfg.renorm_ramp().limits((self.epoch * self.steps + self.step) / (cfg.epochs * self.steps))
+        if limits != self.renorm_limits:
+            for layer in self.renorm:
+                layer.set_limits(*limits)
+            self.renorm_limits = limits
+
+    def precise_bn_images(self) -> int:
+        """PreciseBN's number of images: --precise-bn M rounded down to whole device batches."""
+        m, n = self.cfg.precise_bn, self.cfg.batch_size
+        if m and not n <= m <= len(self.data.train):
+            raise NormlabError(f"--precise-bn {m} needs between {n} (one device batch) and "
+                               f"{len(self.data.train)} (the training set) images")
+        return m // n * n
+
+    def precise_batches(self):
+        """PreciseBN's inputs: training images chosen and augmented from the run's seed and the
+        epoch (never from the training generator), in the training step's batches."""
+        seed = int(np.random.SeedSequence([self.cfg.seed, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.data.train), generator=generator)[:self.precise_images]
+        for start in range(0, len(order), self.cfg.images_per_step):
+            index = order[start:start + self.cfg.images_per_step].to(self.device)
+            x = self.normalize(augment(self.data.train.images[index], generator))
+            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     # -- the run directory -------------------------------------------------------------
     def describe(self) -> dict:
         data = self.data
@@ -155,6 +188,8 @@ class Run:
             "batch_semantics": distributed.batch_semantics(self.cfg, self.dist),
             "execution": self.dist.execution(self.cfg),
             "norm_layers": self.layers,
+            **({"precise_bn_images": self.precise_images} if self.precise_images else {}),
+            **({"batch_renorm_ramp": dataclasses.asdict(self.cfg.renorm_ramp())} if self.renorm else {}),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "data": {"name": data.name, "location": data.location, "train": len(data.train),
                      "val": len(data.val) if data.val is not None else 0, "test": len(data.test),
@@ -278,7 +313,11 @@ class Run:
         seconds_before = self.epoch_seconds
         while self.step < self.steps:
             index = self.order[self.step * per_step:(self.step + 1) * per_step].to(self.device)
+            if self.renorm:
+                self.set_renorm_limits()
             loss, wrong = self.train_step(index, cfg.lr_at(self.epoch + self.step / self.steps))
+            if self.renorm:  # BRN's running statistics feed its next step: one copy, as one process's
+                self.dist.average_buffers(*self.renorm)  # chunks share (averaged) under --virtual-gpus
             minutes = self.opts.checkpoint_minutes
             with torch.no_grad():  # summed over ranks: every rank holds the whole step's numbers;
                 # a signal to one rank stops them all, one rank's clock checkpoints them all
@@ -309,12 +348,14 @@ class Run:
         self.dist.average_buffers(self.model)  # per-rank BN running statistics -> their mean
         row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum / n, "train_error": 100.0 * wrong / n}
-        if self.data.val is not None:
-            row["val_loss"], row["val_error"] = evaluate(
-                self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast,
-                self.dist)
-        row["test_loss"], row["test_error"] = evaluate(
-            self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast, self.dist)
+        with (precise_statistics(self.model, self.precise_batches(), self.autocast) if self.precise_images
+              else contextlib.nullcontext()):  # every rank computes the same (same images, weights)
+            if self.data.val is not None:
+                row["val_loss"], row["val_error"] = evaluate(
+                    self.model, self.data.val, self.normalize, self.opts.eval_batch_size, self.autocast,
+                    self.dist)
+            row["test_loss"], row["test_error"] = evaluate(
+                self.model, self.data.test, self.normalize, self.opts.eval_batch_size, self.autocast, self.dist)
         row["seconds"] = self.epoch_seconds + time.perf_counter() - eval_start
         row["images_per_s"] = n / self.epoch_seconds if self.epoch_seconds else float("nan")
         return row

@@ -1,8 +1,10 @@
-"""CIFAR ResNets of depth 6n+2 (He et al. 2016, section 4.2), with any norm from norms.py.
+"""CIFAR ResNets of depth 6n+2 (He et al. 2016, section 4.2), with any norm from the registry.
 
 Three stages of n BasicBlocks with 16/32/64 channels on 32/16/8 maps. Shortcut option A
 (stride-2 subsampling and zero-padded channels, no parameters) as in the paper; option B
-(1x1 projection + norm) as a choice.
+(1x1 projection + norm) as a choice. Every conv, norm and the activation after a norm come from
+the registry (norms/): "norm + act" after a conv, "norm alone" before the residual addition,
+then ReLU after the addition for every norm (as EvoNorm's reference ResNet does).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NormlabError
-from .norms import NormSpec, make_norm, parse_norm
+from .norms import NORM_MODULES, NormSpec, make_conv, make_norm, parse_norm
 
 STAGE_WIDTHS = (16, 32, 64)
 KNOWN_DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -34,9 +36,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, norm: NormSpec,
                  shortcut: str, name: str):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.norm1 = make_norm(norm, planes, layer=f"{name}.norm1")
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv1 = make_conv(norm, in_planes, planes, 3, stride, 1)
+        self.norm1 = make_norm(norm, planes, act=True, layer=f"{name}.norm1")
+        self.conv2 = make_conv(norm, planes, planes, 3, 1, 1)
         self.norm2 = make_norm(norm, planes, layer=f"{name}.norm2")
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
@@ -44,11 +46,11 @@ class BasicBlock(nn.Module):
                 self.shortcut = PadShortcut(planes - in_planes)
             else:
                 self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                    make_conv(norm, in_planes, planes, 1, stride),
                     make_norm(norm, planes, layer=f"{name}.shortcut.1"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm1(self.conv1(x))
         out = self.norm2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
@@ -57,8 +59,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, norm: NormSpec, num_classes: int, shortcut: str):
         super().__init__()
         blocks_per_stage = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], 3, 1, 1, bias=False)
-        self.norm1 = make_norm(norm, STAGE_WIDTHS[0], layer="norm1")
+        self.conv1 = make_conv(norm, 3, STAGE_WIDTHS[0], 3, 1, 1)
+        self.norm1 = make_norm(norm, STAGE_WIDTHS[0], act=True, layer="norm1")
         stages, in_planes = [], STAGE_WIDTHS[0]
         for s, planes in enumerate(STAGE_WIDTHS):
             blocks = []
@@ -72,21 +74,24 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm1(self.conv1(x))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
 
 
 def init_weights(model: nn.Module, zero_init_residual: bool = True) -> None:
-    """He (fan_out) init for convs, gamma = 1 / beta = 0 for norms, and gamma = 0 in the last
-    norm of every residual block so that each block starts as the identity (GN paper)."""
+    """He (fan_out) init for convs, gamma = 1 / beta = 0 for norms (and each norm's own init of
+    its other parameters: EvoNorm's v = 1, TLU's tau = 0), and gamma = 0 in the last norm of
+    every residual block so that each block starts as the identity (GN paper)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, NORM_MODULES):
+            module.reset_parameters()
     if zero_init_residual:
         for module in model.modules():
             if isinstance(module, BasicBlock):
@@ -107,7 +112,7 @@ def parse_model(name: str) -> int:
 def check_norm_fits(norm: str | NormSpec) -> None:
     """Refuse, before anything is built, a group setting that some stage width cannot take."""
     spec = norm if isinstance(norm, NormSpec) else parse_norm(norm)
-    if spec.kind == "gn":
+    if spec.groups is not None or spec.per_group is not None:
         for layer, width in zip(("norm1", "layer2.0.norm1", "layer3.0.norm1"), STAGE_WIDTHS):
             spec.groups_for(width, layer)
 

@@ -1,46 +1,70 @@
 """How the report names, orders and draws each norm: the one place for families and labels.
 
-A family is what a reader compares (BN, LN, IN, GN); every GN variant (gn:G, gn:cpg=K) is
-one family, told apart by label and marker. A new norm family gets one entry in FAMILIES
-(display name, colour, marker, line style) and, if its spec is not BN/GN-shaped, a case in
-`family` and `label`.
+A family is what a reader compares (BN, LN, IN, GN, BRN, FRN, EvoNorm-S0/B0, and their +WS
+forms); every GN variant (gn:G, gn:cpg=K) is one family, told apart by label and marker. Names
+come from the norm registry (normlab.norms.label); a new norm family gets one entry in FAMILIES
+(colour, marker, line style) here.
+
+A run evaluated with PreciseBN is a variant of its norm: `variant(cfg)` is its norm spec with
+`@precise-bn=M` appended, which every function here accepts wherever a norm is expected, so
+that BN and BN + PreciseBN get their own rows and lines.
 """
 from __future__ import annotations
 
+from .. import norms
 from ..errors import NormlabError
-from ..norms import parse_norm
 
-# family -> display name and style; colours from the Okabe-Ito palette, readable in grey too.
+PRECISE = "@precise-bn="
+
+# family -> style; colours from the Okabe-Ito palette, told apart in grey by marker and line.
 # The order of this mapping is the order of rows and legends.
 FAMILIES = {
-    "bn": {"name": "BN", "color": "#000000", "marker": "o", "linestyle": "-"},
-    "ln": {"name": "LN", "color": "#0072B2", "marker": "^", "linestyle": "-."},
-    "in": {"name": "IN", "color": "#009E73", "marker": "D", "linestyle": ":"},
-    "gn": {"name": "GN", "color": "#D55E00", "marker": "s", "linestyle": "--"},
+    "bn": {"color": "#000000", "marker": "o", "linestyle": "-"},
+    "bn+pbn": {"color": "#000000", "marker": "o", "linestyle": ":", "markerfacecolor": "white"},
+    "bn+ws": {"color": "#000000", "marker": "h", "linestyle": "--"},
+    "brn": {"color": "#E69F00", "marker": "v", "linestyle": "-"},
+    "brn+pbn": {"color": "#E69F00", "marker": "v", "linestyle": ":", "markerfacecolor": "white"},
+    "ln": {"color": "#0072B2", "marker": "^", "linestyle": "-."},
+    "in": {"color": "#009E73", "marker": "D", "linestyle": ":"},
+    "gn": {"color": "#D55E00", "marker": "s", "linestyle": "--"},
+    "gn+ws": {"color": "#D55E00", "marker": "X", "linestyle": "-"},
+    "frn": {"color": "#CC79A7", "marker": "P", "linestyle": "-"},
+    "evonorm-s0": {"color": "#56B4E9", "marker": "<", "linestyle": "-"},
+    "evonorm-b0": {"color": "#56B4E9", "marker": ">", "linestyle": "--"},
+    "evonorm-b0+pbn": {"color": "#56B4E9", "marker": ">", "linestyle": ":", "markerfacecolor": "white"},
 }
-OTHER = {"name": "other", "color": "#7F7F7F", "marker": "x", "linestyle": "-"}
+OTHER = {"color": "#7F7F7F", "marker": "x", "linestyle": "-"}
 GN_MARKERS = "sPXv<>*"
 
 
+def variant(cfg) -> str:
+    """A run config's norm as the report tells it apart: 'bn', or 'bn@precise-bn=4096'."""
+    return cfg.norm + (f"{PRECISE}{cfg.precise_bn}" if getattr(cfg, "precise_bn", 0) else "")
+
+
+def split(norm: str) -> tuple[str, int]:
+    """'bn@precise-bn=4096' -> ('bn', 4096); 'gn:16' -> ('gn:16', 0)."""
+    base, _, images = norm.partition(PRECISE)
+    return base, int(images) if images.isdigit() else 0
+
+
 def family(norm: str) -> str:
-    """'bn', 'ln', 'in' or 'gn' for a canonical norm spec."""
-    if norm in ("bn", "ln", "in"):
-        return norm
+    """'bn', 'ln', 'in', 'gn', 'brn', 'frn', ..., with '+ws' and '+pbn' (PreciseBN) forms."""
+    base, precise = split(norm)
     try:
-        return "gn" if parse_norm(norm).kind == "gn" else norm
+        name = norms.family(base)
     except NormlabError:  # a spec this version cannot parse still gets a row, in grey
         return norm
+    return name + ("+pbn" if precise else "")
 
 
 def label(norm: str) -> str:
-    """'BN', 'GN G=16', 'GN 4 ch/group'."""
-    fam = family(norm)
-    if fam in ("bn", "ln", "in"):
-        return FAMILIES[fam]["name"]
-    if fam != "gn":
+    """'BN', 'GN G=16', 'GN 4 ch/group', 'GN+WS G=16', 'BN + PreciseBN', 'EvoNorm-S0 G=16'."""
+    base, precise = split(norm)
+    try:
+        return norms.label(base, precise)
+    except NormlabError:
         return norm
-    spec = parse_norm(norm)
-    return f"GN {spec.per_group} ch/group" if spec.per_group else f"GN G={spec.groups}"
 
 
 def sort_key(norm: str) -> tuple:
@@ -48,8 +72,8 @@ def sort_key(norm: str) -> tuple:
     fam = family(norm)
     order = list(FAMILIES).index(fam) if fam in FAMILIES else len(FAMILIES)
     groups = per_group = 0
-    if fam == "gn":
-        spec = parse_norm(norm)
+    if fam in FAMILIES:
+        spec = norms.parse_norm(split(norm)[0])
         groups, per_group = spec.groups or 0, spec.per_group or 0
     return (order, per_group, groups, norm)
 
@@ -59,15 +83,14 @@ def sweep_value(norm: str, key: str) -> int | None:
     LN is G = 1 and IN is 1 channel per group, as in the GN paper's Table 3."""
     if family(norm) not in ("ln", "in", "gn"):
         return None
-    return getattr(parse_norm(norm), key)
+    return getattr(norms.parse_norm(norm), key)
 
 
-def styles(norms) -> dict[str, dict]:
+def styles(names) -> dict[str, dict]:
     """Norm -> matplotlib style: by family; several GN variants in one figure differ by marker."""
     out, gn_index = {}, 0
-    for norm in sorted(set(norms), key=sort_key):
-        style = FAMILIES.get(family(norm), OTHER)
-        out[norm] = {k: v for k, v in style.items() if k != "name"}
+    for norm in sorted(set(names), key=sort_key):
+        out[norm] = dict(FAMILIES.get(family(norm), OTHER))
         if family(norm) == "gn":
             out[norm]["marker"] = GN_MARKERS[gn_index % len(GN_MARKERS)]
             gn_index += 1

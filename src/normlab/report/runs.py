@@ -18,7 +18,7 @@ from .. import rundir
 from ..config import RunConfig
 from ..errors import NormlabError
 from ..stats import Summary, summarize
-from .labels import family
+from .labels import family, variant
 
 Warn = Callable[[str], None]
 METRIC_COLUMNS = ("epoch", "train_error", "test_error")  # what the report cannot do without
@@ -57,7 +57,8 @@ class Point:
 
     @property
     def norm(self) -> str:
-        return self.cfg.norm
+        """The norm as the report tells it apart (with PreciseBN as a variant: labels.variant)."""
+        return variant(self.cfg)
 
     def summary(self) -> Summary | None:
         """Mean, std and 95 % interval over the finished seeds (no interval with one)."""

@@ -1,4 +1,4 @@
-"""One section of report.md per study (norms, batch-size, groups): its figures and tables.
+"""One section of report.md per study (norms, batch-size, groups, zoo): its figures and tables.
 
 SECTIONS maps a study name (as in a preset's `studies`) to its title and section function;
 a study without an entry gets `generic`. A new study adds one function and one entry.
@@ -126,6 +126,41 @@ def groups(ctx: Context) -> list[str]:
     return md + [f"- {b}" for b in best] + [""]
 
 
+def zoo(ctx: Context) -> list[str]:
+    """Every normalization against batch size: one line per norm, a table with the best per
+    batch size and how the others compare with it (Welch intervals)."""
+    points, model = ctx.points, ctx.model
+    same, other = same_and_other(ctx, pub.batch_series(ctx.published))
+    fig = f"zoo_{model}.png"
+    figures.plot_batch_sizes(ctx.plt, points, f"{model}: every normalization against batch size",
+                             ctx.figures / fig, same, other)
+    sizes = sorted({p.cfg.batch_size for p in points}, reverse=True)
+    norms_here = sorted({p.norm for p in points}, key=sort_key)
+    cells = by_norm_batch(points)
+    single = all_single(points)
+    rows = [[label(n)] + [cell(cells.get((n, s)), single) for s in sizes] for n in norms_here]
+    best = []
+    for s in sizes:
+        scored = {n: cells[(n, s)] for n in norms_here if (n, s) in cells and cells[(n, s)].summary()}
+        if not scored:
+            continue
+        top = min(scored, key=lambda n: scored[n].summary().mean)
+        tied = [label(n) for n, p in scored.items() if n != top
+                and (d := difference(p.finals, scored[top].finals)) and d.has_interval and d.low <= 0]
+        best.append(f"batch {s}: lowest error {label(top)} ({scored[top].summary().mean:.2f}%)"
+                    + ("; one seed, so no interval says whether it beats the others" if single else
+                       f"; within the 95 % interval of it: {', '.join(tied)}" if tied else
+                       "; every other norm is worse beyond its 95 % interval"))
+    notes = pub.notes_for(points)
+    rows += pub.batch_rows(ctx.published, norms_here, sizes, notes, gn_of(cells))
+    md = [f"![every normalization against batch size](figures/{fig})", "",
+          f"Test error (%), {NUMBER}, by images per device. Rows named after a paper are published "
+          f"numbers.", ""] + note(points)
+    md += [table(["norm"] + [str(s) for s in sizes], rows), ""]
+    md += notes.lines() + ([""] if notes.numbers else [])
+    return md + [f"- {b}" for b in best] + [""]
+
+
 def generic(ctx: Context) -> list[str]:
     """A study this report has no section for: its points, with published numbers."""
     at = sorted(ctx.points, key=lambda p: (sort_key(p.norm), -p.cfg.batch_size, p.cfg.virtual_gpus))
@@ -142,4 +177,5 @@ SECTIONS = {
     "norms": ("Error curves per normalization", norms),
     "batch-size": ("Sensitivity to batch size", batch_size),
     "groups": ("Group count", groups),
+    "zoo": ("Every normalization (the zoo)", zoo),
 }

@@ -5,7 +5,7 @@ import collections
 
 from ..config import RunConfig
 from ..stats import format_summary, half_width
-from .labels import label, sort_key
+from .labels import label, sort_key, variant
 from .runs import Point, Run, group_points
 
 NUMBER = "median of the final 5 epochs"
@@ -99,13 +99,13 @@ def setup_lines(runs: list[Run]) -> list[str]:
 
 def all_runs_table(runs: list[Run]) -> str:
     rows = []
-    for r in sorted(runs, key=lambda r: (sort_key(r.cfg.norm), -r.cfg.batch_size, r.cfg.seed)):
+    for r in sorted(runs, key=lambda r: (sort_key(variant(r.cfg)), -r.cfg.batch_size, r.cfg.seed)):
         final = f"{r.final:.2f}" if r.final is not None else "-"
         state = r.state + (f" (epoch {r.status.get('diverged_in_epoch')})" if r.state == "diverged" else "")
         if r.state not in ("done", "diverged"):
             state += f" ({len(r.rows)}/{r.cfg.epochs} epochs)"
         last = f"{r.rows[-1]['test_error']:.2f}" if r.rows else "-"
-        rows.append([r.id, label(r.cfg.norm), r.cfg.batch_size, r.cfg.virtual_gpus, r.cfg.seed,
+        rows.append([r.id, label(variant(r.cfg)), r.cfg.batch_size, r.cfg.virtual_gpus, r.cfg.seed,
                      f"{r.cfg.lr:.4g}", len(r.rows), final, last, state])
     return table(["run", "norm", "batch", "virtual GPUs", "seed", "lr", "epochs",
                   "test error (%), median of final 5", "at the last epoch", "state"], rows)

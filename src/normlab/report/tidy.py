@@ -13,7 +13,7 @@ from typing import NamedTuple
 from .. import rundir
 from ..config import RunConfig
 from ..errors import NormlabError
-from .labels import family, label, sweep_value
+from .labels import family, label, sweep_value, variant
 from .runs import Run, Warn, load_runs, membership, warn_stderr
 
 RESULTS, CURVES = "results.csv", "curves.csv"
@@ -35,8 +35,8 @@ def run_row(run: Run, root: Path, studies: dict[str, set[str]]) -> dict:
            "studies": " ".join(name for name, ids in studies.items() if run.id in ids),
            "state": run.state}
     row.update(dataclasses.asdict(cfg))  # every config field, the later ones too: stable columns
-    row.update({"lr": cfg.lr, "images_per_step": cfg.images_per_step, "norm_label": label(cfg.norm),
-                "norm_family": family(cfg.norm), "groups": sweep_value(cfg.norm, "groups"),
+    row.update({"lr": cfg.lr, "images_per_step": cfg.images_per_step, "norm_label": label(variant(cfg)),
+                "norm_family": family(variant(cfg)), "groups": sweep_value(cfg.norm, "groups"),
                 "channels_per_group": sweep_value(cfg.norm, "per_group"),
                 "epochs_done": len(rows),
                 "final_test_error": run.final,
