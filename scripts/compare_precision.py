@@ -13,11 +13,12 @@ is within the fp32 range over seeds (max − min) and the two means differ by le
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import sys
 from pathlib import Path
 
-from normlab import rundir
+from normlab import rundir, stats
 from normlab.config import RunConfig
 
 
@@ -43,7 +44,7 @@ def main(fp32_dir: str, bf16_dir: str) -> int:
     print("| point | seeds | fp32 mean ± std | fp32 range over seeds | bf16 mean | "
           "largest same-seed abs(bf16 − fp32) | within the fp32 spread |")
     print("|---|---|---|---|---|---|---|")
-    passed = 0
+    passed, diffs, variances = 0, [], []
     for point in points:
         seeds = sorted(set(a[point]) & set(b[point]))
         fa, fb = [a[point][s] for s in seeds], [b[point][s] for s in seeds]
@@ -52,9 +53,21 @@ def main(fp32_dir: str, bf16_dir: str) -> int:
         ok = len(seeds) > 1 and worst <= spread and abs(statistics.fmean(fa) - statistics.fmean(fb)) < spread
         passed += ok
         std = statistics.stdev(fa) if len(fa) > 1 else 0.0
+        diffs += [y - x for x, y in zip(fa, fb)]
+        variances += [statistics.variance(fa)] if len(fa) > 1 else []
         print(f"| {point} | {len(seeds)} | {statistics.fmean(fa):.2f} ± {std:.2f} | {spread:.2f} | "
               f"{statistics.fmean(fb):.2f} | {worst:.2f} | {'yes' if ok else 'no'} |")
     print(f"\n{passed} of {len(points)} points within the fp32 seed-to-seed spread.")
+    if variances and len(diffs) > 1:
+        # Over all points: is there a systematic shift, and do same-seed pairs differ more than
+        # two fp32 runs of different seeds would (sqrt(2) x the pooled seed std)?
+        seed_std = math.sqrt(statistics.fmean(variances))
+        shift = stats.summarize(diffs)
+        rms = math.sqrt(statistics.fmean(d * d for d in diffs))
+        print(f"\nAll {len(diffs)} same-seed pairs: bf16 − fp32 = {stats.format_summary(shift)} points "
+              f"(mean ± std [95 % interval]); root-mean-square difference {rms:.2f} points, against "
+              f"a pooled fp32 seed-to-seed std of {seed_std:.2f} (two fp32 runs of different seeds "
+              f"differ by {math.sqrt(2) * seed_std:.2f} root-mean-square).")
     return 0
 
 
