@@ -5,9 +5,11 @@
 1. Runs the study once without interruption (the reference), and times a rerun of the finished
    study (start-up plus the report: the shortest attempt there is).
 2. Runs the same study into another directory and kill -9s its whole process group at a random
-   moment of every attempt until --kills kills have landed, then lets it finish. If the study
-   finishes first, the attempts go on: each reruns the finished study (which rebuilds the
-   report) and is killed during start-up or the report's writes. Every write is
+   moment of every attempt until --kills kills have landed, then lets it finish: one attempt in
+   five during start-up, the others just after the study has written new progress (so that
+   every attempt moves it on). If the study finishes first, the attempts go on: each reruns the
+   finished study (which rebuilds the report) and is killed during start-up or the report's
+   writes. Every write is
    held NORMLAB_FAULT_WRITE_DELAY seconds between its temporary file and the rename, and
    checkpoints are written every 0.3 s within epochs, so that many kills land in the middle of
    checkpoint, metrics and report writes (counted from the temporary files a kill leaves).
@@ -57,6 +59,19 @@ def temporaries(out: Path) -> list[Path]:
     return sorted(out.rglob("*.tmp"))
 
 
+def progress_mark(out: Path) -> int:
+    """The newest write of a checkpoint or metrics row under OUT (0 before any)."""
+    files = [*out.glob("*/checkpoint.sha256"), *out.glob("*/metrics.csv")]
+    return max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
+
+
+def wait_for_progress(proc: subprocess.Popen, out: Path, mark: int, limit: float = 600.0) -> None:
+    """Wait until the study writes progress newer than MARK, or ends."""
+    start = time.monotonic()
+    while proc.poll() is None and progress_mark(out) == mark and time.monotonic() - start < limit:
+        time.sleep(0.01)
+
+
 def written_file(tmp: Path) -> str:
     """'.checkpoint.pt.<host>.<pid>.<random>.tmp' -> 'checkpoint.pt' (the file being written)."""
     name = tmp.name[1:-len(".tmp")].rsplit(".", 3)[0]
@@ -94,19 +109,23 @@ def main() -> int:
     env = {**os.environ, "NORMLAB_FAULT_WRITE_DELAY": str(args.write_delay)}
     rng = random.Random(args.seed)
     kills, attempts, mid_write, report_failures = 0, 0, collections.Counter(), []
-    finished_early = 0
+    finished_early = kills_while_training = 0
     while True:
         attempts += 1
+        mark = progress_mark(out)
         proc = subprocess.Popen(command(preset, out, "--checkpoint-every", "0.005"), env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # a moment anywhere from the middle of start-up to a little past it: each attempt
-        # advances the study by a second or so, so that the kills spread over all of it
+        # One attempt in five is killed at a random moment of start-up (or, once every run is
+        # done, of the report's writes); the others once the study has written a new
+        # checkpoint or metrics row, plus a random moment up to 0.6 s: every such attempt moves
+        # the study on, however slow the machine, so the kills spread over all of it.
         if kills >= args.kills:
             deadline = None  # enough kills: let it finish
-        elif finished_early:
-            deadline = rng.uniform(0.3, 1.0) * noop  # in start-up or in the report's writes
+        elif finished_early or rng.random() < 0.2:
+            deadline = rng.uniform(0.3, 1.0) * noop
         else:
-            deadline = rng.uniform(0.5, 1.0) * noop + rng.uniform(0.0, 1.5)
+            wait_for_progress(proc, out, mark)
+            deadline = rng.uniform(0.0, 0.6)
         try:
             proc.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
@@ -129,6 +148,8 @@ def main() -> int:
             return 1
         if kills >= args.kills:
             break
+        if not finished_early:
+            kills_while_training = kills
         finished_early += 1  # every run is done: later attempts rebuild the report, and are killed there
 
     got, want = metrics(out), metrics(ref)
@@ -138,6 +159,7 @@ def main() -> int:
         "command": "python scripts/soak.py " + " ".join(sys.argv[1:]),
         "kills": kills, "attempts": attempts, "runs": len(want),
         "attempts_that_finished_before_the_last_kill": finished_early,
+        "kills_before_every_run_was_done": kills_while_training if finished_early else kills,
         "killed_mid_write": dict(mid_write),
         "runs_with_different_metrics": differences, "report_failures": report_failures,
         "temporary_files_left": left, "reference_study_seconds": round(whole, 1),
