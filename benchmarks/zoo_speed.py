@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 
@@ -31,6 +32,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per norm and round")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (default: fp32, whatever the CPU)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
@@ -38,7 +41,7 @@ def main() -> None:
     steps = {}
     for norm in args.norms:
         cfg = RunConfig(model=args.model, norm=norm, batch_size=args.batch_size, data="sample").normalized().validate()
-        run = Run(cfg, "unused", RuntimeOptions(progress=False))
+        run = Run(cfg, "unused", RuntimeOptions(progress=False, amp=args.amp))
         run.model.train()
         n = len(run.data.train) - cfg.images_per_step
 
@@ -55,7 +58,8 @@ def main() -> None:
             rates[norm].append(args.steps * args.batch_size / seconds)
             print(f"round {r + 1}: {norm:<14} {rates[norm][-1]:7.1f} img/s", flush=True)
     base = rates[args.norms[0]]
-    print(f"\n{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print(f"\n{args.model}, batch {args.batch_size}, {'bf16 autocast' if args.amp else 'fp32'}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
     print(f"{'norm':<14} {'img/s':>7} {'slowdown vs ' + args.norms[0]:>18} {'(quartiles)':>14}")
     rows = []
     for norm in args.norms:
@@ -67,10 +71,9 @@ def main() -> None:
               f"{q1:6.2f}-{q3:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": "python benchmarks/zoo_speed.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items() if v is not None and k != "json"),
-                "torch": torch.__version__, "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+            json.dump({"command": "python benchmarks/zoo_speed.py " + " ".join(sys.argv[1:]),
+                       "precision": "bf16" if args.amp else "fp32", "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
             f.write("\n")
 
 

@@ -5,11 +5,11 @@
 1. Runs the study once without interruption (the reference), and times a rerun of the finished
    study (start-up plus the report: the shortest attempt there is).
 2. Runs the same study into another directory and kill -9s its whole process group at a random
-   moment of every attempt until --kills kills have landed, then lets it finish: one attempt in
-   five during start-up, the others just after the study has written new progress (so that
-   every attempt moves it on). If the study finishes first, the attempts go on: each reruns the
-   finished study (which rebuilds the report) and is killed during start-up or the report's
-   writes. Every write is
+   moment of every attempt: one attempt in five during start-up, the others just after the
+   study has written new progress (so that every attempt moves it on). After 90 % of --kills
+   (or sooner, if the study finishes first) it lets the study finish, and the remaining kills
+   land in reruns of the finished study, which rebuild the report: late in start-up or in the
+   report's writes. A last attempt runs undisturbed. Every write is
    held NORMLAB_FAULT_WRITE_DELAY seconds between its temporary file and the rename, and
    checkpoints are written every 0.3 s within epochs, so that many kills land in the middle of
    checkpoint, metrics and report writes (counted from the temporary files a kill leaves).
@@ -59,13 +59,19 @@ def temporaries(out: Path) -> list[Path]:
     return sorted(out.rglob("*.tmp"))
 
 
-def progress_mark(out: Path) -> int:
-    """The newest write of a checkpoint or metrics row under OUT (0 before any)."""
-    files = [*out.glob("*/checkpoint.sha256"), *out.glob("*/metrics.csv")]
-    return max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
+def progress_mark(out: Path) -> list:
+    """What the study has saved under OUT: each run's checkpoint digest and metrics size. File
+    times will not do: a resumed run rewrites its metrics.csv (kept rows only) as it opens."""
+    def read(path):
+        try:
+            return path.read_bytes()
+        except OSError:
+            return b""
+    return sorted((p.parent.name, read(p), len(read(p.with_name("metrics.csv"))))
+                  for p in out.glob("*/checkpoint.sha256"))
 
 
-def wait_for_progress(proc: subprocess.Popen, out: Path, mark: int, limit: float = 600.0) -> None:
+def wait_for_progress(proc: subprocess.Popen, out: Path, mark: list, limit: float = 600.0) -> None:
     """Wait until the study writes progress newer than MARK, or ends."""
     start = time.monotonic()
     while proc.poll() is None and progress_mark(out) == mark and time.monotonic() - start < limit:
@@ -110,6 +116,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     kills, attempts, mid_write, report_failures = 0, 0, collections.Counter(), []
     finished_early = kills_while_training = 0
+    training_kills = args.kills - max(1, args.kills // 10)  # the rest after every run is done
     while True:
         attempts += 1
         mark = progress_mark(out)
@@ -121,7 +128,11 @@ def main() -> int:
         # the study on, however slow the machine, so the kills spread over all of it.
         if kills >= args.kills:
             deadline = None  # enough kills: let it finish
-        elif finished_early or rng.random() < 0.2:
+        elif finished_early:
+            deadline = rng.uniform(0.5, 1.0) * noop  # late in start-up or in the report's writes
+        elif kills >= training_kills:
+            deadline = None  # let the study finish, so that the last kills land in its report
+        elif rng.random() < 0.2:
             deadline = rng.uniform(0.3, 1.0) * noop
         else:
             wait_for_progress(proc, out, mark)

@@ -54,9 +54,15 @@ def compare_with_reference(out, ref):
 
 
 def progress_mark(out):
-    """The newest write of a checkpoint or a metrics row under OUT (0 before any)."""
-    files = [*out.glob("*/checkpoint.sha256"), *out.glob("*/metrics.csv")]
-    return max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
+    """What the study has saved under OUT: each run's checkpoint digest and metrics size. File
+    times will not do: a resumed run rewrites its metrics.csv (kept rows only) as it opens."""
+    def read(path):
+        try:
+            return path.read_bytes()
+        except OSError:
+            return b""
+    return sorted((p.parent.name, read(p), len(read(p.with_name("metrics.csv"))))
+                  for p in out.glob("*/checkpoint.sha256"))
 
 
 def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, tmp_path):
