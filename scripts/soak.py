@@ -78,6 +78,15 @@ def wait_for_progress(proc: subprocess.Popen, out: Path, mark: list, limit: floa
         time.sleep(0.01)
 
 
+def wait_for_report_write(proc: subprocess.Popen, out: Path, limit: float = 600.0) -> None:
+    """Wait until a file of the report (report.md, the CSVs, a figure) is being written, or the end."""
+    def writing() -> bool:
+        return any(written_file(t) != "study.json" for t in [*out.glob("*.tmp"), *out.glob("figures/*.tmp")])
+    start = time.monotonic()
+    while proc.poll() is None and not writing() and time.monotonic() - start < limit:
+        time.sleep(0.002)
+
+
 def written_file(tmp: Path) -> str:
     """'.checkpoint.pt.<host>.<pid>.<random>.tmp' -> 'checkpoint.pt' (the file being written)."""
     name = tmp.name[1:-len(".tmp")].rsplit(".", 3)[0]
@@ -128,8 +137,11 @@ def main() -> int:
         # the study on, however slow the machine, so the kills spread over all of it.
         if kills >= args.kills:
             deadline = None  # enough kills: let it finish
-        elif finished_early:
+        elif finished_early and attempts % 2:
             deadline = rng.uniform(0.5, 1.0) * noop  # late in start-up or in the report's writes
+        elif finished_early:  # in the middle of a report file's write
+            wait_for_report_write(proc, out)
+            deadline = rng.uniform(0.0, args.write_delay)
         elif kills >= training_kills:
             deadline = None  # let the study finish, so that the last kills land in its report
         elif rng.random() < 0.2:
