@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,9 @@ from normlab.errors import NormlabError
 from normlab.report import build_report
 
 from conftest import write_cifar_fixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from soak import progress_mark, wait_for_progress  # noqa: E402  (the soak's, CI-sized here)
 
 TIMING = ("seconds", "images_per_s")
 
@@ -53,18 +57,6 @@ def compare_with_reference(out, ref):
             strip(rundir.read_metrics(ref / name / rundir.METRICS)), name
 
 
-def progress_mark(out):
-    """What the study has saved under OUT: each run's checkpoint digest and metrics size. File
-    times will not do: a resumed run rewrites its metrics.csv (kept rows only) as it opens."""
-    def read(path):
-        try:
-            return path.read_bytes()
-        except OSError:
-            return b""
-    return sorted((p.parent.name, read(p), len(read(p.with_name("metrics.csv"))))
-                  for p in out.glob("*/checkpoint.sha256"))
-
-
 def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, tmp_path):
     preset, data = tiny_study
     ref, out = tmp_path / "ref", tmp_path / "out"
@@ -79,9 +71,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, 
         proc = subprocess.Popen(study_command(preset, out, data, "--checkpoint-every", "0.005"),
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 6:
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and progress_mark(out) == mark and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_for_progress(proc, out, mark, limit=300)
             time.sleep(rng.uniform(0.0, 0.4))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
