@@ -13,7 +13,8 @@ applies only gamma * x + beta, and so does this one.
 
 S0's group count is clamped to the channels and refused when it does not divide them, like
 GN's (the reference code silently lowers it until it divides; timm refuses C % G != 0).
-Both are computed in the parameters' precision (float32 under bf16 autocast, as GN is).
+Both are computed in the parameters' precision: float32 under bf16 autocast (GN's native kernel
+instead reads and writes bf16; this costs speed, see benchmarks/README.md).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ z = max(y, tau), tau a learned per-channel threshold (0 at initialization, so TL
 ReLU). eps = 1e-6, the paper's constant (timm's FilterResponseNormTlu2d defaults to 1e-5); with
 learned_eps, eps is a learned scalar entering as |eps| (the paper's Listing 1), started at 1e-6.
 Before a residual addition (act=False) the layer is FRN alone, without TLU. Computed in the
-parameters' precision (float32 under bf16 autocast, as GN is).
+parameters' precision: float32 under bf16 autocast
+(GN's native kernel instead reads and writes bf16; this costs speed, see benchmarks/README.md).
 """
 from __future__ import annotations
 
