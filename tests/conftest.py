@@ -42,13 +42,14 @@ TINY_STUDY = ("name: tiny\nworkers: 1\nbase: {model: resnet8, data: cifar10, epo
 
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
-    """A three-run study (ResNet-8, 3 epochs, 500 images) trained by the local runner, one thread
-    per run: what the cluster backends must reproduce. Returns (preset, data dir, results)."""
+    """A three-run study (ResNet-8, 3 epochs, 1,000 images) trained by the local runner, one
+    thread per run: what the cluster backends must reproduce. Returns (preset, data dir, results).
+    Its runs must last long enough for the tests to catch them mid-run on a fast CPU."""
     from normlab.config import RuntimeOptions
     from normlab.study import expand, run_study
 
     root = tmp_path_factory.mktemp("tiny")
-    data = write_cifar_fixture(root / "data", n_per_file=100)
+    data = write_cifar_fixture(root / "data", n_per_file=200)
     preset = root / "tiny.yaml"
     preset.write_text(TINY_STUDY)
     results = run_study(expand(str(preset)), root / "local", RuntimeOptions(data_dir=str(data), threads=1,

@@ -75,15 +75,17 @@ def reproduce_command(preset, out, data, *extra):
             "--time", "00:30:00", "--cpus-per-run", "1", *extra]
 
 
-def wait_mid_run(run: Path, task: str, timeout: float = 300) -> list[dict]:
-    """Wait until the run has finished an epoch, not its last, in a running task; its metrics."""
+def wait_mid_run(runs: dict[str, str], out: Path, timeout: float = 300) -> dict[str, list[dict]]:
+    """Wait until every run (id -> array task) has finished an epoch, not its last, in a running
+    task, all at the same moment; their metrics then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = rundir.read_json(run / rundir.STATUS) or {}
-        if status.get("state") == "running" and 1 <= status.get("epoch", 0) < 3 and squeue(task)[0] == "RUNNING":
-            return rundir.read_metrics(run / rundir.METRICS)
+        status = {rid: rundir.read_json(out / rid / rundir.STATUS) or {} for rid in runs}
+        if all(s.get("state") == "running" and 1 <= s.get("epoch", 0) < 3 for s in status.values()) and \
+                all(squeue(task)[0] == "RUNNING" for task in runs.values()):
+            return {rid: rundir.read_metrics(out / rid / rundir.METRICS) for rid in runs}
         time.sleep(0.1)
-    pytest.fail(f"{run.name} never ran past its first epoch")
+    pytest.fail(f"{', '.join(runs)} were never mid-run at the same moment")
 
 
 def wait_for_state(run: Path, state: str, timeout: float = 60) -> None:
@@ -106,12 +108,11 @@ def test_slurm_study_preempted_and_requeued_equals_local(slurm, tiny_reference, 
     # the first two tasks start at once (the node has 2 CPUs): one gets SLURM's warning signal,
     # as before a time limit or a preemption; the other is killed and requeued outright
     preempted, requeued = [rid for rid, task in sorted(tasks.items(), key=lambda kv: int(kv[1].split("_")[1]))][:2]
-    before = {}
-    before[preempted] = wait_mid_run(out / preempted, tasks[preempted])
+    # both at once, so that neither can finish while the other is dealt with, however fast the machine
+    before = wait_mid_run({rid: tasks[rid] for rid in (preempted, requeued)}, out)
     subprocess.run(["scancel", "--signal=USR2", tasks[preempted]], check=True)
-    wait_for_state(out / preempted, "interrupted")  # it checkpointed at once (SLURM holds it back now)
-    before[requeued] = wait_mid_run(out / requeued, tasks[requeued])
     subprocess.run(["scontrol", "requeue", tasks[requeued]], check=True)
+    wait_for_state(out / preempted, "interrupted")  # it checkpointed at once (SLURM holds it back now)
     assert main(["report", str(out)]) == 0  # what has finished so far, while the runs are away
     (out / "report.md").unlink()
     # a later command picks the queued runs up, waits for them and writes the report
