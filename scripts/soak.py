@@ -62,29 +62,24 @@ def temporaries(out: Path) -> list[Path]:
 def progress_mark(out: Path) -> list:
     """What the study has saved under OUT: each run's checkpoint digest and metrics size. File
     times will not do: a resumed run rewrites its metrics.csv (kept rows only) as it opens."""
-    def read(path):
+    def saved(record: Path) -> tuple:
         try:
-            return path.read_bytes()
-        except OSError:
-            return b""
-    return sorted((p.parent.name, read(p), len(read(p.with_name("metrics.csv"))))
-                  for p in out.glob("*/checkpoint.sha256"))
+            return record.parent.name, record.read_bytes(), record.with_name("metrics.csv").stat().st_size
+        except OSError:  # between a run's first files
+            return record.parent.name, b"", 0
+    return sorted(saved(p) for p in out.glob("*/checkpoint.sha256"))
 
 
-def wait_for_progress(proc: subprocess.Popen, out: Path, mark: list, limit: float = 600.0) -> None:
-    """Wait until the study writes progress newer than MARK, or ends."""
+def wait_until(proc: subprocess.Popen, done, limit: float = 600.0, every: float = 0.01) -> None:
+    """Poll done() until it holds, the process ends, or LIMIT seconds pass."""
     start = time.monotonic()
-    while proc.poll() is None and progress_mark(out) == mark and time.monotonic() - start < limit:
-        time.sleep(0.01)
+    while proc.poll() is None and not done() and time.monotonic() - start < limit:
+        time.sleep(every)
 
 
-def wait_for_report_write(proc: subprocess.Popen, out: Path, limit: float = 600.0) -> None:
-    """Wait until a file of the report (report.md, the CSVs, a figure) is being written, or the end."""
-    def writing() -> bool:
-        return any(written_file(t) != "study.json" for t in [*out.glob("*.tmp"), *out.glob("figures/*.tmp")])
-    start = time.monotonic()
-    while proc.poll() is None and not writing() and time.monotonic() - start < limit:
-        time.sleep(0.002)
+def writing_report(out: Path) -> bool:
+    """A file of the report (report.md, the CSVs, a figure) is being written."""
+    return any(written_file(t) != "study.json" for t in [*out.glob("*.tmp"), *out.glob("figures/*.tmp")])
 
 
 def written_file(tmp: Path) -> str:
@@ -131,23 +126,23 @@ def main() -> int:
         mark = progress_mark(out)
         proc = subprocess.Popen(command(preset, out, "--checkpoint-every", "0.005"), env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # One attempt in five is killed at a random moment of start-up (or, once every run is
-        # done, of the report's writes); the others once the study has written a new
-        # checkpoint or metrics row, plus a random moment up to 0.6 s: every such attempt moves
-        # the study on, however slow the machine, so the kills spread over all of it.
+        # While runs train, one attempt in five is killed at a random moment of start-up, the
+        # others once the study has saved a new checkpoint or metrics row, plus a random moment
+        # up to 0.6 s: every such attempt moves the study on, however slow the machine. Once every
+        # run is done, attempts alternate between late start-up and the middle of a report write.
         if kills >= args.kills:
             deadline = None  # enough kills: let it finish
         elif finished_early and attempts % 2:
             deadline = rng.uniform(0.5, 1.0) * noop  # late in start-up or in the report's writes
         elif finished_early:  # in the middle of a report file's write
-            wait_for_report_write(proc, out)
+            wait_until(proc, lambda: writing_report(out), every=0.002)
             deadline = rng.uniform(0.0, args.write_delay)
         elif kills >= training_kills:
             deadline = None  # let the study finish, so that the last kills land in its report
         elif rng.random() < 0.2:
             deadline = rng.uniform(0.3, 1.0) * noop
         else:
-            wait_for_progress(proc, out, mark)
+            wait_until(proc, lambda: progress_mark(out) != mark)
             deadline = rng.uniform(0.0, 0.6)
         try:
             proc.wait(timeout=deadline)

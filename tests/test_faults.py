@@ -25,7 +25,7 @@ from normlab.report import build_report
 from conftest import write_cifar_fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from soak import progress_mark, wait_for_progress  # noqa: E402  (the soak's, CI-sized here)
+from soak import progress_mark, wait_until  # noqa: E402  (the soak's, CI-sized here)
 
 TIMING = ("seconds", "images_per_s")
 
@@ -71,7 +71,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, 
         proc = subprocess.Popen(study_command(preset, out, data, "--checkpoint-every", "0.005"),
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 6:
-            wait_for_progress(proc, out, mark, limit=300)
+            wait_until(proc, lambda: progress_mark(out) != mark, limit=300)
             time.sleep(rng.uniform(0.0, 0.4))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
