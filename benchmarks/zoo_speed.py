@@ -19,7 +19,7 @@ import torch
 
 from normlab.bench import time_steps
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import Run
+from normlab.train import Trainer
 
 NORMS = ["gn:16", "bn", "brn", "frn", "evonorm-s0:16", "evonorm-b0", "gn:16+ws", "bn+ws"]
 
@@ -41,14 +41,14 @@ def main() -> None:
     steps = {}
     for norm in args.norms:
         cfg = RunConfig(model=args.model, norm=norm, batch_size=args.batch_size, data="sample").normalized().validate()
-        run = Run(cfg, "unused", RuntimeOptions(progress=False, amp=args.amp))
+        run = Trainer([cfg], ["unused"], RuntimeOptions(progress=False, amp=args.amp))
         run.model.train()
         n = len(run.data.train) - cfg.images_per_step
 
         def step(run=run, cfg=cfg, n=n, cursor=[0]):
             start = cursor[0] % n
             cursor[0] += cfg.images_per_step
-            run.train_step(torch.arange(start, start + cfg.images_per_step, device=run.device), cfg.lr)
+            run.train_step([torch.arange(start, start + cfg.images_per_step, device=run.device)], cfg.lr)
         steps[norm] = step
     rates = {norm: [] for norm in args.norms}
     for r in range(args.rounds):

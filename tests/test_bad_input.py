@@ -9,7 +9,7 @@ import pytest
 from bad_inputs import CASES, Case, Elsewhere, run
 from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import train
+from normlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

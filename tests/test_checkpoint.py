@@ -9,7 +9,7 @@ import torch
 from normlab import checkpoint, rundir
 from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import train
+from normlab.train import train
 from normlab.errors import NormlabError
 
 CFG = RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=1, data="cifar10")
@@ -92,7 +92,7 @@ def test_a_crash_between_checkpoint_and_record_loses_nothing(tmp_path):
     staged = rundir.stage(path, data.read_bytes())
     assert checkpoint.load(path)["step"] == 1
     old = checkpoint._recorded(tmp_path / checkpoint.RECORD, path.name)
-    rundir.atomic_write(tmp_path / checkpoint.RECORD, checkpoint._record_lines([new, *old], path.name))
+    checkpoint._write_record(tmp_path / checkpoint.RECORD, path.name, [new, *old])
     assert checkpoint.load(path)["step"] == 1
     rundir.commit(staged, path)
     assert checkpoint.load(path)["step"] == 2

@@ -149,7 +149,7 @@ def test_each_rank_takes_its_part_of_the_steps_augmentation():
 def sync_bn_worker(rank: int, world: int, init_file: str) -> None:
     import torch.distributed as dist
 
-    from normlab.distributed import NaiveSyncBatchNorm
+    from normlab.train.ranks import NaiveSyncBatchNorm
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # every rank builds the whole batch, then keeps its part
     x = (torch.randn(world * 3, 4, 5, 5) * 2 + 1).requires_grad_()

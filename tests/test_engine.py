@@ -5,7 +5,7 @@ import torch
 
 from normlab import rundir
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import train
+from normlab.train import train
 from normlab.errors import NormlabError
 
 TIMING = ("seconds", "images_per_s")

@@ -18,7 +18,7 @@ from normlab import rundir
 from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
 from normlab.data import load_dataset
-from normlab.engine import RunBusy, train
+from normlab.train import RunBusy, train
 from normlab.errors import NormlabError
 from normlab.report import build_report
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab import engine, rundir
+from normlab import rundir, train
+from normlab.train import build
 from normlab.config import RunConfig, RuntimeOptions
 from normlab.models import cifar_resnet
 from normlab.norms import NormSpec, parse_norm, set_chunk_size
@@ -180,9 +181,9 @@ def test_same_with_virtual_gpus_channels_last_option_b_and_resnet20():
 def test_a_whole_run_gives_the_same_metrics(norm, cifar_fixture, tmp_path, monkeypatch):
     cfg = RunConfig(model="resnet8", norm=norm, batch_size=10, epochs=2, data="cifar10")
     opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1)
-    engine.train(cfg, tmp_path / "new", opts)
-    monkeypatch.setattr(engine, "cifar_resnet", old_cifar_resnet)
-    engine.train(cfg, tmp_path / "old", opts)
+    train.train(cfg, tmp_path / "new", opts)
+    monkeypatch.setattr(build, "cifar_resnet", old_cifar_resnet)
+    train.train(cfg, tmp_path / "old", opts)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
     new, old = (strip(rundir.read_metrics(tmp_path / d / rundir.METRICS)) for d in ("new", "old"))
     assert new == old and len(new) == 2

@@ -6,7 +6,7 @@ import torch
 
 from normlab import rundir
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import Run, train
+from normlab.train import Trainer, train
 from normlab.norms import GhostBatchNorm2d
 from normlab.precision import choose_amp, cpu_bf16_support
 
@@ -31,17 +31,17 @@ def test_precision_is_recorded_and_never_part_of_the_run_id(tmp_path):
     assert status["state"] == "done"
     options = rundir.read_json(tmp_path / "r" / rundir.CONFIG)["speed_options"]
     assert options["amp"] is False and options["amp_reason"] == "--no-amp"
-    auto = Run(cfg, tmp_path / "unused", RuntimeOptions(progress=False))
-    assert auto.amp == NATIVE and auto.describe()["speed_options"]["amp_reason"] == f"auto: {WHY}"
-    assert auto.describe()["run_id"] == cfg.run_id()
+    auto = Trainer([cfg], [tmp_path / "unused"], RuntimeOptions(progress=False))
+    assert auto.amp == NATIVE and auto.describe(auto.members[0])["speed_options"]["amp_reason"] == f"auto: {WHY}"
+    assert auto.describe(auto.members[0])["run_id"] == cfg.run_id()
 
 
 def bf16_step(norm):
     cfg = RunConfig(model="resnet8", norm=norm, batch_size=16, epochs=1)
-    run = Run(cfg, "unused", RuntimeOptions(progress=False))
+    run = Trainer([cfg], ["unused"], RuntimeOptions(progress=False))
     assert run.amp, "auto must choose bf16 on this CPU"
     run.model.train()
-    loss, wrong = run.train_step(torch.arange(16), cfg.lr)
+    (loss,), (wrong,) = run.train_step([torch.arange(16)], cfg.lr)
     return run, loss
 
 
@@ -63,5 +63,5 @@ def test_bf16_path_keeps_parameters_statistics_and_loss_in_fp32(norm):
 
 @pytest.mark.skipif(NATIVE, reason="this CPU has native bf16; the fp32 default is tested elsewhere")
 def test_fp32_is_the_default_without_native_bf16():
-    run = Run(RunConfig(model="resnet8", norm="bn", epochs=1), "unused", RuntimeOptions(progress=False))
+    run = Trainer([RunConfig(model="resnet8", norm="bn", epochs=1)], ["unused"], RuntimeOptions(progress=False))
     assert run.amp is False

@@ -17,7 +17,7 @@ from normlab import rundir
 from normlab.cli import main
 from normlab.config import RuntimeOptions
 from normlab.data import load_sample
-from normlab.engine import train
+from normlab.train import train
 from normlab.models import STAGE_WIDTHS, cifar_resnet
 from normlab.norms import norm_layers
 from normlab.search.candidates import all_candidates, effective_groups, parse_candidates

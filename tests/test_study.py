@@ -4,7 +4,7 @@ import pytest
 
 from normlab import rundir
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import STOP, Interrupted, train
+from normlab.train import STOP, Interrupted, train
 from normlab.errors import NormlabError
 from normlab.report import build_report
 from normlab.study import expand, parse_overrides, run_study
@@ -74,7 +74,7 @@ def test_rerun_skips_finished_and_resumes_unfinished(cifar_fixture, tmp_path):
     # the first run finishes; the second stops after its first epoch
     train(first[1], out / first[0], opts)
 
-    def stop_after_first_epoch(run, row):
+    def stop_after_first_epoch(trainer, member, row):
         STOP.set()
     try:
         with pytest.raises(Interrupted):

@@ -8,7 +8,7 @@ from normlab import rundir
 from normlab.bench import bench_zoo_layers
 from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.engine import STOP, Interrupted, train
+from normlab.train import STOP, Interrupted, train
 from normlab.errors import NormlabError
 from normlab.study import expand
 

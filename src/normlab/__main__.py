@@ -1,4 +1,4 @@
 from .cli import main
-from .distributed import exit_process
+from .train.ranks import exit_process
 
 exit_process(main())

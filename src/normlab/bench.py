@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig, RuntimeOptions
-from .engine import Run, resolve_device
+from .train import Trainer, resolve_device
 from .models import cifar_resnet
 from .norms import GhostBatchNorm2d, ReferenceGroupNorm, group_norm_reference, make_conv, make_norm, parse_norm
 
@@ -119,7 +119,7 @@ def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, 
     (fp32, as the usual scripts train), alternating. normlab_images_per_s is the precision the
     run would choose by default (opts.amp, or auto), or the first one timed if that was not."""
     device = resolve_device(opts.device)
-    run = Run(cfg, "unused", dataclasses.replace(opts, progress=False))
+    run = Trainer([cfg], ["unused"], dataclasses.replace(opts, progress=False))
     run.model.train()
     per_step = cfg.images_per_step
     n_train = len(run.data.train)
@@ -131,7 +131,7 @@ def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, 
     def normlab_step():
         start = cursor[0] % (n_train - per_step)
         cursor[0] += per_step
-        run.train_step(torch.arange(start, start + per_step, device=device), cfg.lr)
+        run.train_step([torch.arange(start, start + per_step, device=device)], cfg.lr)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -170,8 +170,8 @@ def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, 
     chosen = default if default in precisions else precisions[0]
     result = {
         "model": cfg.model, "norm": cfg.norm, "batch_size": cfg.batch_size,
-        "virtual_gpus": cfg.virtual_gpus, "images_per_step": per_step, "device": run.describe()["device"],
-        "threads": torch.get_num_threads(), "speed_options": run.describe()["speed_options"],
+        "virtual_gpus": cfg.virtual_gpus, "images_per_step": per_step, "device": run.describe(run.members[0])["device"],
+        "threads": torch.get_num_threads(), "speed_options": run.describe(run.members[0])["speed_options"],
         "precision": chosen,
         "normlab_images_per_s": statistics.median(rates[chosen]),
         "normlab_images_per_s_all": rates[chosen],
@@ -246,3 +246,43 @@ def bench_zoo_layers(device: torch.device, batch: int = 32, repeats: int = 30) -
                          "microseconds": 1e6 * median[name], "relative": median[name] / median[base],
                          "relative_to": base})
     return rows
+
+
+def bench_fused(cfg: RunConfig, opts: RuntimeOptions, runs: int, steps: int, warmup: int,
+                repeats: int) -> dict:
+    """R runs (seeds 0..R-1) trained as one fused array against the same R runs trained one
+    after another, alternating in one process; images/s over all R runs, at opts' precision."""
+    device = resolve_device(opts.device)
+    opts = dataclasses.replace(opts, progress=False)
+    seeds = [dataclasses.replace(cfg, seed=s) for s in range(runs)]
+    fused = Trainer(seeds, ["unused"] * runs, opts)
+    alone = [Trainer([c], ["unused"], opts) for c in seeds]
+    per_step = cfg.images_per_step
+    n_train = len(fused.data.train)
+    cursor = [0]
+
+    def indices():
+        start = cursor[0] % (n_train - per_step)
+        cursor[0] += per_step
+        return torch.arange(start, start + per_step, device=device)
+
+    def fused_step():
+        fused.train_step([indices() for _ in range(runs)], cfg.lr)
+
+    def separate_steps():
+        for trainer in alone:
+            trainer.train_step([indices()], cfg.lr)
+
+    for trainer in (fused, *alone):
+        trainer.model.train()
+    fused_rates, separate_rates = [], []
+    for _ in range(repeats):  # alternate, so that drift in machine speed hits both alike
+        fused_rates.append(runs * steps * per_step / time_steps(fused_step, steps, warmup, device))
+        separate_rates.append(runs * steps * per_step / time_steps(separate_steps, steps, warmup, device))
+    fused_rate, separate_rate = statistics.median(fused_rates), statistics.median(separate_rates)
+    return {"model": cfg.model, "norm": cfg.norm, "batch_size": cfg.batch_size,
+            "virtual_gpus": cfg.virtual_gpus, "runs": runs, "precision": "bf16" if fused.amp else "fp32",
+            "device": fused.describe(fused.members[0])["device"], "threads": torch.get_num_threads(),
+            "fused_images_per_s": fused_rate, "separate_images_per_s": separate_rate,
+            "fused_images_per_s_all": fused_rates, "separate_images_per_s_all": separate_rates,
+            "speedup": fused_rate / separate_rate}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -35,9 +36,27 @@ def save(path: Path, state: dict) -> None:
     staged = rundir.stage(path, data)
     record = path.with_name(RECORD)
     old = _recorded(record, path.name)
-    rundir.atomic_write(record, _record_lines([new, *old], path.name))  # old or new file: both valid
+    _write_record(record, path.name, [new, *old])  # old or new file: both valid
     rundir.commit(staged, path)
-    rundir.atomic_write(record, _record_lines([new], path.name))
+    _write_record(record, path.name, [new])
+
+
+def keep_copy(path: Path, copy: Path) -> None:
+    """Keep the checkpoint in path also as `copy` (a hard link: no bytes copied), recorded, so
+    that it can be loaded after path has been replaced."""
+    record = path.with_name(RECORD)
+    _write_record(record, copy.name, _recorded(record, path.name))
+    try:
+        copy.unlink(missing_ok=True)
+        os.link(path, copy)
+    except OSError as err:
+        raise NormlabError(f"cannot write {copy} ({err.strerror}); choose a writable --out") from None
+
+
+def drop_copy(copy: Path) -> None:
+    """Forget a copy made by keep_copy."""
+    copy.unlink(missing_ok=True)
+    _write_record(copy.with_name(RECORD), copy.name, [])
 
 
 def load(path: Path) -> dict:
@@ -73,8 +92,15 @@ def _recorded(record: Path, name: str) -> list[str]:
             if len(parts) == 2 and parts[1] == name and len(parts[0]) == 64]
 
 
-def _record_lines(digests: list[str], name: str) -> bytes:
-    return "".join(f"{d}  {name}\n" for d in dict.fromkeys(digests)).encode()
+def _write_record(record: Path, name: str, digests: list[str]) -> None:
+    """Record `digests` as the valid ones for `name`, keeping the lines of other files."""
+    try:
+        lines = record.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    others = [line for line in lines if line.split()[1:] != [name] and line.strip()]
+    ours = [f"{d}  {name}" for d in dict.fromkeys(digests)]
+    rundir.atomic_write(record, "".join(f"{line}\n" for line in ours + others).encode())
 
 
 # -- RNG states as plain values (numpy's holds an ndarray, which the safe loader refuses) --------

@@ -8,6 +8,7 @@ finished runs, resumes unfinished ones, and never runs one run twice at the same
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -147,17 +148,35 @@ def run_status(run_dir: Path, cfg: RunConfig) -> dict:
     return rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
 
 
+def plan_arrays(runs: dict[str, RunConfig], todo: list[str], size) -> list[tuple[str, ...]]:
+    """The runs `todo` as jobs: runs that differ only in their seeds go together, at most
+    size(cfg) of them (1: each alone), in the order of `todo` (a job where its first run is)."""
+    from .train import fusable
+
+    groups: dict[RunConfig, list[str]] = {}
+    for rid in todo:
+        groups.setdefault(dataclasses.replace(runs[rid], seed=0), []).append(rid)
+    jobs = []
+    for key, ids in groups.items():
+        limit = 1 if fusable(key.norm) else max(1, size(key))
+        ids.sort(key=lambda rid: runs[rid].seed)
+        jobs += [tuple(ids[i:i + limit]) for i in range(0, len(ids), limit)]
+    first = {rid: i for i, rid in enumerate(todo)}
+    return sorted(jobs, key=lambda job: first[job[0]])
+
+
 def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, display=None,
-              force: bool = False, backend=None) -> dict[str, dict]:
+              force: bool = False, backend=None, array_size=lambda cfg: 1) -> dict[str, dict]:
     """Train every unfinished run of the study into out/<run-id>/ with a backend (by default a
-    local pool of `workers` processes). Returns run id -> status.
+    local pool of `workers` processes). Runs that differ only in their seeds train as arrays of
+    at most array_size(cfg) runs where the backend takes arrays. Returns run id -> status.
 
     The rules every backend shares live here: finished runs are skipped, unfinished ones
     resume from their checkpoints, and a run that another process is training is waited for,
     then tried again (its lock guarantees that it is never trained twice at once)."""
     from .backends.base import RunJob
     from .backends.local import LocalBackend
-    from .engine import STOP
+    from .train import STOP
 
     out = Path(out)
     owned = backend is None
@@ -179,7 +198,9 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, d
         if display:
             display.start(study, results, todo)
         while todo and not STOP.is_set():
-            jobs = [RunJob(rid, study.runs[rid].to_dict(), str((out / rid).absolute()), force) for rid in todo]
+            size = array_size if backend.arrays else (lambda cfg: 1)
+            jobs = [tuple(RunJob(rid, study.runs[rid].to_dict(), str((out / rid).absolute()), force) for rid in job)
+                    for job in plan_arrays(study.runs, todo, size)]
             waiting = []
             for rid, result in backend.train(jobs, display):
                 if result.get("state") == "busy":  # held by another process: wait for it
@@ -202,7 +223,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, d
 def _wait_for_holders(study: Study, out: Path, waiting: list[str], results: dict, display) -> list[str]:
     """Runs that other processes were training: those now finished are settled, the rest are
     tried again after a second (their lock is free again if the holder died)."""
-    from .engine import STOP
+    from .train import STOP
 
     if not waiting or STOP.is_set():
         return []

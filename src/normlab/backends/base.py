@@ -37,11 +37,16 @@ class RunJob:
     force: bool = False   # start afresh a directory holding another config (kept aside)
 
 
+Job = tuple  # tuple[RunJob, ...]: runs trained together as one array (one run: a lone run)
+
+
 class Backend:
-    """Trains runs and reports each as it finishes. Subclasses: local, ray, slurm."""
+    """Trains jobs (arrays of runs) and reports each run as it finishes. Subclasses: local, ray,
+    slurm."""
 
     name = "?"
     detached = False  # True when the runs were handed over and the caller must not wait
+    arrays = True     # whether a job may hold several runs (else every job is one run)
 
     def open(self, out: Path) -> None:
         """Connect and check everything that can be checked before anything is written."""
@@ -49,8 +54,8 @@ class Backend:
     def prepare(self, out: Path) -> None:
         """out exists: check that wherever the runs train can write it."""
 
-    def train(self, jobs: list[RunJob], display=None) -> Iterator[tuple[str, dict]]:
-        """Train these runs; yield (run id, status) as each finishes, in finishing order.
+    def train(self, jobs: list[Job], display=None) -> Iterator[tuple[str, dict]]:
+        """Train these jobs; yield (run id, status) as each run finishes, in finishing order.
         Stops early (checkpointing running runs where it can) once engine.STOP is set."""
         raise NotImplementedError
 
@@ -64,30 +69,43 @@ class Backend:
         self.close()
 
 
-def train_one(job: RunJob, opts: RuntimeOptions, report: Callable | None = None) -> dict:
-    """Train one run where this is called; never raises for the run's own failures (they are
-    its status). report(run_id, epoch, step, steps) is called at most every half second."""
-    from ..engine import Interrupted, RunBusy, train
+def train_job(job: Job, opts: RuntimeOptions, report: Callable | None = None) -> dict[str, dict]:
+    """Train a job (one run, or an array of runs that differ only in their seeds) where this is
+    called; return each run's status by run id. Never raises for the runs' own failures (they
+    are their statuses). report(run_id, epoch, step, steps) is called at most every half second
+    for each run."""
+    from ..train import Interrupted, RunBusy, train_array
 
-    cfg = RunConfig.from_dict(job.config)
+    cfgs = [RunConfig.from_dict(run.config) for run in job]
     last = [0.0]
 
-    def on_progress(run):
+    def on_progress(trainer):
         now = time.monotonic()
-        if report is not None and (now - last[0] > PROGRESS_SECONDS or run.step == run.steps):
+        if report is not None and (now - last[0] > PROGRESS_SECONDS or trainer.step == trainer.steps):
             last[0] = now
-            report(job.run_id, run.epoch, run.step, run.steps)
+            for member in trainer.members:
+                report(member.run_id, trainer.epoch, trainer.step, trainer.steps)
+
+    def every(status: dict) -> dict[str, dict]:
+        return {run.run_id: dict(status) for run in job}
 
     try:
-        return train(cfg, job.run_dir, opts, force=job.force, on_progress=on_progress)
+        results = train_array(cfgs, [run.run_dir for run in job], opts, force=job[0].force,
+                              on_progress=on_progress, tolerant=len(job) > 1)
+        return {run.run_id: results.get(run.run_id, {"state": "interrupted"}) for run in job}
     except Interrupted:
-        return {"state": "interrupted"}
+        return every({"state": "interrupted"})
     except RunBusy:
-        return {"state": "busy"}
+        return every({"state": "busy"})
     except NormlabError as err:
-        return {"state": "failed", "error": str(err)}
-    except Exception as err:  # a crash in one run must not stop the study; it is recorded
-        return {"state": "failed", "error": f"{type(err).__name__}: {err}"}
+        return every({"state": "failed", "error": str(err)})
+    except Exception as err:  # a crash in one job must not stop the study; it is recorded
+        return every({"state": "failed", "error": f"{type(err).__name__}: {err}"})
+
+
+def train_one(job: RunJob, opts: RuntimeOptions, report: Callable | None = None) -> dict:
+    """Train one run where this is called (train_job of an array of one)."""
+    return train_job((job,), opts, report)[job.run_id]
 
 
 def options_for_nodes(opts: RuntimeOptions, threads: int, gpus: float) -> RuntimeOptions:

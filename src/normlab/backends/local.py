@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator
 
 from ..config import RuntimeOptions
-from .base import Backend, RunJob, train_one
+from .base import Backend, Job, train_job
 
 _progress_queue = None  # in a worker process: where its runs report progress
 
@@ -26,13 +26,13 @@ def _worker_init(progress_queue, threads: int | None) -> None:
     if threads:
         import torch
         torch.set_num_threads(threads)
-    from ..engine import STOP
+    from ..train import STOP
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda *_: STOP.set())
 
 
-def _train_in_worker(job: RunJob, opts: RuntimeOptions) -> dict:
-    return train_one(job, opts, lambda *item: _progress_queue.put(item))
+def _train_in_worker(job: Job, opts: RuntimeOptions) -> dict[str, dict]:
+    return train_job(job, opts, lambda *item: _progress_queue.put(item))
 
 
 class LocalBackend(Backend):
@@ -50,7 +50,7 @@ class LocalBackend(Backend):
             self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.slot = 0
 
-    def train(self, jobs: list[RunJob], display=None) -> Iterator[tuple[str, dict]]:
+    def train(self, jobs: list[Job], display=None) -> Iterator[tuple[str, dict]]:
         if self.workers == 1:
             yield from self._train_here(jobs, display)
         else:
@@ -58,18 +58,19 @@ class LocalBackend(Backend):
 
     def _train_here(self, jobs, display):
         """In this process: the CLI's signal handlers stay in charge."""
-        from ..engine import STOP
+        from ..train import STOP
 
         opts = dataclasses.replace(self.opts, threads=self.threads, progress=False)
         for job in jobs:
             if STOP.is_set():
                 return
             if display:
-                display.begin(job.run_id)
-            yield job.run_id, train_one(job, opts, display.progress if display else None)
+                for run in job:
+                    display.begin(run.run_id)
+            yield from train_job(job, opts, display.progress if display else None).items()
 
     def _train_in_pool(self, jobs, display):
-        from ..engine import STOP
+        from ..train import STOP
 
         if self.pool is None:  # kept across calls: starting workers costs seconds
             context = multiprocessing.get_context("spawn")
@@ -83,9 +84,10 @@ class LocalBackend(Backend):
                 device = f"cuda:{self.slot % self.gpus}" if self.gpus else self.opts.device
                 self.slot += 1
                 opts = dataclasses.replace(self.opts, device=device, threads=self.threads, progress=False)
-                futures[self.pool.submit(_train_in_worker, job, opts)] = job.run_id
+                futures[self.pool.submit(_train_in_worker, job, opts)] = job
                 if display:
-                    display.begin(job.run_id)
+                    for run in job:
+                        display.begin(run.run_id)
             if STOP.is_set() and not stopping:  # forward the stop to the workers once
                 stopping = True
                 todo.clear()
@@ -95,7 +97,8 @@ class LocalBackend(Backend):
             done, _ = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
             self._drain(display)
             for future in done:
-                yield futures.pop(future), future.result()
+                futures.pop(future)
+                yield from future.result().items()
 
     def _drain(self, display) -> None:
         while True:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..config import RuntimeOptions
 from ..errors import NormlabError
-from .base import Backend, RunJob, options_for_nodes, positive, train_one
+from .base import Backend, Job, options_for_nodes, positive, train_job
 
 MAX_RETRIES = 3          # a task whose worker or node died is started again (Ray's default)
 PROBE_SECONDS = 60       # how long every node has to answer the check of the results directory
@@ -54,15 +54,15 @@ class Channel:
         return self.stopping
 
 
-def _train_on_worker(job: RunJob, opts: RuntimeOptions, channel) -> dict:
-    """A Ray task: train one run on whichever worker Ray chose."""
+def _train_on_worker(job: Job, opts: RuntimeOptions, channel) -> dict[str, dict]:
+    """A Ray task: train one job (a run, or an array of runs) on whichever worker Ray chose."""
     import ray
 
-    from ..engine import STOP
+    from ..train import STOP
 
     STOP.clear()  # Ray reuses worker processes
     if ray.get(channel.is_stopping.remote()):
-        return {"state": "interrupted"}
+        return {run.run_id: {"state": "interrupted"} for run in job}
 
     def report(*item):
         try:
@@ -70,7 +70,7 @@ def _train_on_worker(job: RunJob, opts: RuntimeOptions, channel) -> dict:
                 STOP.set()  # checkpoint at the next step, then stop
         except Exception:
             pass  # progress is a nicety: never let it stop a run
-    return train_one(job, opts, report)
+    return train_job(job, opts, report)
 
 
 def _probe(out: str, token: str) -> str | None:
@@ -186,9 +186,9 @@ class RayBackend(Backend):
             raise NormlabError(f"the Ray workers cannot use the results directory: {problems[0]}; --out must "
                                f"be a directory that every node shares and can write")
 
-    def train(self, jobs: list[RunJob], display=None) -> Iterator[tuple[str, dict]]:
+    def train(self, jobs: list[Job], display=None) -> Iterator[tuple[str, dict]]:
         ray = self.ray
-        from ..engine import STOP
+        from ..train import STOP
 
         if self.channel is None:
             self.channel = ray.remote(num_cpus=0)(Channel).remote()
@@ -198,18 +198,20 @@ class RayBackend(Backend):
         while todo or running:
             while todo and not stopping and (self.workers is None or len(running) < self.workers):
                 job = todo.pop(0)
-                running[self.task.remote(job, self.run_opts, self.channel)] = job.run_id
+                running[self.task.remote(job, self.run_opts, self.channel)] = job
             finished, _ = ray.wait(list(running), num_returns=len(running), timeout=0.5)
             for ref in finished:
-                run_id = running.pop(ref)
+                job = running.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    results = ray.get(ref)
                 except ray.exceptions.RayError as err:  # retries exhausted, or the task was lost
                     lines = str(err).strip().splitlines()
-                    result = {"state": "failed", "error": f"Ray: {type(err).__name__}: {lines[0] if lines else ''}"}
-                yield run_id, result
+                    error = f"Ray: {type(err).__name__}: {lines[0] if lines else ''}"
+                    results = {run.run_id: {"state": "failed", "error": error} for run in job}
+                yield from results.items()
+            running_ids = {run.run_id for job in running.values() for run in job}
             for item in ray.get(self.channel.take.remote()):  # after the ends: never a finished run
-                if display and item[0] in running.values():
+                if display and item[0] in running_ids:
                     display.progress(*item)
             if STOP.is_set() and not stopping:  # the running runs checkpoint and stop
                 stopping = True

@@ -53,7 +53,7 @@ class TrainRun(Checkpointable):
     for SLURM's signal, whose handler (submitit's) calls checkpoint() and then requeues."""
 
     def __call__(self, job: RunJob, opts: RuntimeOptions) -> dict:
-        from ..engine import STOP
+        from ..train import STOP
 
         STOP.clear()
         self.result: dict = {}
@@ -64,7 +64,7 @@ class TrainRun(Checkpointable):
         return self.result
 
     def _train(self, job: RunJob, opts: RuntimeOptions) -> None:
-        from ..engine import STOP
+        from ..train import STOP
 
         result = train_one(job, opts)
         while result.get("state") == "busy" and not STOP.wait(BUSY_SECONDS):
@@ -73,7 +73,7 @@ class TrainRun(Checkpointable):
 
     def checkpoint(self, job: RunJob, opts: RuntimeOptions) -> "DelayedSubmission":
         """Called on the warning signal: checkpoint at the next step, then resume from there."""
-        from ..engine import STOP
+        from ..train import STOP
 
         STOP.set()
         if getattr(self, "thread", None) is not None:
@@ -156,6 +156,7 @@ class Task:
 
 class SlurmBackend(Backend):
     name = "slurm"
+    arrays = False  # one task per run
 
     def __init__(self, opts: RuntimeOptions, partition: str | None = None, cpus_per_run: float | None = None,
                  gpus_per_run: float | None = None, time_limit: str | None = None,
@@ -246,9 +247,10 @@ class SlurmBackend(Backend):
         rundir.write_json(self.folder / "jobs.json", {"runs": record})
         return ids
 
-    def train(self, jobs: list[RunJob], display=None) -> Iterator[tuple[str, dict]]:
-        from ..engine import STOP
+    def train(self, jobs: list[tuple[RunJob]], display=None) -> Iterator[tuple[str, dict]]:
+        from ..train import STOP
 
+        jobs = [run for job in jobs for run in job]  # one run per job (arrays = False)
         self.folder.mkdir(parents=True, exist_ok=True)
         record = self._record()
         earlier = {record[j.run_id] for j in jobs if j.run_id in record}

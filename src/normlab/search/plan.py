@@ -112,9 +112,9 @@ def make_spec(*, candidates: list[Candidate], seeds: int, min_epochs: int | None
 def probe(spec: SearchSpec, opts: RuntimeOptions) -> dict:
     """Load the data and build one run as training would (every data and size error shows here,
     before anything is written); returns the split sizes and the images trained per epoch."""
-    from ..engine import Run
+    from ..train import Trainer
 
-    run = Run(spec.config(spec.candidates[0].spec, 0), Path("unused"), dataclasses.replace(opts, progress=False))
+    run = Trainer([spec.config(spec.candidates[0].spec, 0)], [Path("unused")], dataclasses.replace(opts, progress=False))
     return {"train": len(run.data.train), "val": len(run.data.val), "test": len(run.data.test),
             "images_per_epoch": run.steps * spec.base.images_per_step}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..config import RuntimeOptions
-from ..engine import STOP, Interrupted, RunBusy, train
+from ..train import STOP, Interrupted, RunBusy, train
 from ..errors import NormlabError
 from .locks import FileLock
 from .plan import SearchSpec
@@ -159,9 +159,9 @@ class Search:
                     return True
             return False
 
-        def on_epoch(run, row) -> None:
+        def on_epoch(trainer, member, row) -> None:
             trained.append(row["epoch"])
-            if observe(run.rows):
+            if observe(member.rows):
                 raise Pruned(str(run_dir))
 
         say(f"{name}: {'resuming' if (run_dir / rundir.CHECKPOINT).exists() else 'starting'} ({run_dir.name})")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import RuntimeOptions
-from ..engine import EXIT_INTERRUPTED, STOP, Interrupted
+from ..train import EXIT_INTERRUPTED, STOP, Interrupted
 from ..errors import NormlabError
 from .plan import SearchSpec
 from .trials import Search

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import NormlabError
+from ..errors import NormlabError
 
 TIMEOUT = datetime.timedelta(minutes=30)  # the last resort against a rank that never answers
 # Buffers (BN statistics) stay per rank between averages; newer torch renamed the option.
@@ -241,34 +241,6 @@ def device_for(name: str, local_rank: int) -> torch.device:
                            f"({torch.cuda.device_count()}); use --nproc_per_node "
                            f"{torch.cuda.device_count()} or fewer")
     return torch.device("cuda", local_rank)
-
-
-def start_run(group: Single, cfg, run_dir, opts, force: bool):
-    """The run built on every rank and its directory opened (and locked) by rank 0.
-    Returns (run, lock); any rank's error is every rank's error."""
-    from .data import SOURCES, find_folder
-    from .engine import Run, RunBusy
-
-    if group is SINGLE:
-        run = Run(cfg, run_dir, opts)
-        return run, run.open(force=force)
-    with group.agreed():
-        if group.writer and cfg.data in SOURCES:  # one download, not one per rank
-            find_folder(SOURCES[cfg.data], opts.data_dir, download=True)
-    with group.agreed():
-        run = Run(cfg, run_dir, opts, group)
-    group.check_same({"run": cfg.run_id(), "training images": len(run.data.train),
-                      "test images": len(run.data.test)})
-    with group.agreed():
-        lock = contextlib.nullcontext()
-        if group.writer:
-            try:
-                lock = run.open(force=force)
-            except RunBusy as err:
-                raise NormlabError(f"{err} is being trained by another process; wait for it or use "
-                                   f"another --out") from None
-    group.attach(run)
-    return run, lock
 
 
 def first_line(err: BaseException) -> str:
