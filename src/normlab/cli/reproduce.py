@@ -46,10 +46,12 @@ def cmd_reproduce(args) -> int:
                            sbatch=parse_sbatch(args.sbatch), wait=args.wait)
     if args.backend == "local":  # on a cluster each node decides for itself (recorded per run)
         print(describe_precision(*choose_amp(resolve_device(opts.device), opts.amp)))
+    size = array_size(args.fuse, backend, opts)
     display = StudyDisplay(enabled=opts.progress)
     try:
         with backend:
-            results = run_study(study, out, opts, display=display, force=args.force, backend=backend)
+            results = run_study(study, out, opts, display=display, force=args.force, backend=backend,
+                                array_size=size)
     finally:
         display.close()
     if backend.detached:
@@ -71,6 +73,35 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def fuse_option(text: str):
+    """--fuse auto | off | R."""
+    import argparse
+
+    if text in ("auto", "off"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected auto, off or a number of runs (2 or more), got '{text}'")
+
+
+def array_size(fuse, backend, opts):
+    """How many runs of a config (differing only in their seeds) a job trains as one array."""
+    import torch
+
+    from ..precision import choose_amp
+    from ..train import auto_array_size, resolve_device
+
+    if fuse == "off" or not backend.arrays:
+        return lambda cfg: 1
+    if fuse != "auto":
+        return lambda cfg: fuse
+    run_opts = getattr(backend, "run_opts", opts)  # the options the runs train with, wherever
+    device = resolve_device(run_opts.device) if backend.name == "local" else \
+        torch.device("cpu" if run_opts.device == "cpu" else "cuda")
+    amp = choose_amp(device, run_opts.amp)[0] if device.type == "cpu" or backend.name == "local" else True
+    return lambda cfg: auto_array_size(cfg, device.type, amp)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("reproduce", help="run a study (a grid of runs) and write its report",
                        description="Run the report's three studies (norms, batch-size, groups) as a "
@@ -84,6 +115,11 @@ def add_parser(sub) -> None:
     p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies: norms, "
                    "batch-size, groups (of quick and paper), zoo (of zoo and zoo-quick)")
     p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
+    p.add_argument("--fuse", type=fuse_option, default="auto", metavar="auto|off|R",
+                   help="train the seeds of a point as one fused array of up to R runs (one network "
+                        "holding them side by side; each run's results as if trained alone, up to float "
+                        "rounding); auto: where it was measured to pay on this kind of device (see "
+                        "README, Run arrays); off: every run alone (default: %(default)s)")
     p.add_argument("--workers", type=int, help="runs at once; one per GPU when there are several, "
                    "CPU threads split between them (default: the preset's; with --backend ray or slurm, "
                    "as many as the cluster takes)")

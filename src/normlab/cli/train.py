@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import dataclasses
 from pathlib import Path
 
 from ..errors import NormlabError
@@ -33,15 +34,22 @@ def train_run(args, group) -> int:
 
     with group.agreed():
         cfg = run_config(args, group.world)
+        cfgs = [dataclasses.replace(cfg, seed=s) for s in args.seeds] if args.seeds else [cfg]
+        for c in cfgs:
+            c.validate()
         opts = runtime_options(args)
         if group.device is not None:
             opts.device = str(group.device)
         opts.progress = opts.progress and group.writer
-    run = start(group, [cfg], [Path(args.out) / cfg.run_id()], opts, args.force)
+    out = Path(args.out)
+    run = start(group, cfgs, [out / c.run_id() for c in cfgs], opts, args.force)
     if group.writer:
         print(describe_precision(run.amp, run.amp_reason))
-    bar = tqdm(total=cfg.epochs * run.steps, unit="step", disable=not opts.progress,
-               desc=cfg.run_id(), dynamic_ncols=True)
+        if len(cfgs) > 1:
+            print(f"training seeds {', '.join(str(c.seed) for c in cfgs)} as one array of {len(cfgs)} runs")
+    name = cfgs[0].run_id() if len(cfgs) == 1 else f"{len(cfgs)} runs"
+    bar = tqdm(total=cfg.epochs * run.steps, unit="step", disable=not opts.progress, desc=name,
+               dynamic_ncols=True)
 
     def on_progress(r):
         bar.n = r.epoch * r.steps + r.step
@@ -49,25 +57,40 @@ def train_run(args, group) -> int:
         bar.update(0)
 
     def on_epoch(r, member, row):
-        bar.write(f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train err {row['train_error']:5.2f}%  "
+        who = f"seed {member.cfg.seed}  " if len(cfgs) > 1 else ""
+        bar.write(f"{who}epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train err {row['train_error']:5.2f}%  "
                   f"test err {row['test_error']:5.2f}%  {row['images_per_s']:.0f} img/s")
 
     with run:
         bar.n = run.epoch * run.steps
-        status = run.run(on_progress, on_epoch if group.writer else None)[cfg.run_id()]
+        statuses = run.run(on_progress, on_epoch if group.writer else None)
     bar.close()
-    summary = status.get("summary", {})
-    state = status["state"]
-    where = Path(args.out) / cfg.run_id()
-    if state == "diverged":
-        print(f"normlab: error: {where} diverged in epoch {status.get('diverged_in_epoch')} (the loss "
-              f"became NaN or infinite; earlier epochs are kept); lower --base-lr or add "
-              f"--warmup-epochs, with --force to start it afresh", file=sys.stderr)
-        return 2
-    if group.writer:
-        print(f"{where}: {state}; median test error of the final 5 epochs "
-              f"{summary.get('median_final5_test_error', float('nan')):.2f}%")
-    return 0
+    code = 0
+    for c in cfgs:
+        status = statuses[c.run_id()]
+        summary = status.get("summary", {})
+        where = out / c.run_id()
+        if status["state"] == "diverged":
+            print(f"normlab: error: {where} diverged in epoch {status.get('diverged_in_epoch')} (the loss "
+                  f"became NaN or infinite; earlier epochs are kept); lower --base-lr or add "
+                  f"--warmup-epochs, with --force to start it afresh", file=sys.stderr)
+            code = 2
+        elif group.writer:
+            print(f"{where}: {status['state']}; median test error of the final 5 epochs "
+                  f"{summary.get('median_final5_test_error', float('nan')):.2f}%")
+    return code
+
+def seed_list(text: str) -> list[int]:
+    """--seeds 0,1,2: distinct whole numbers."""
+    import argparse
+
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, e.g. 0,1,2, got '{text}'") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds separated by commas, e.g. 0,1,2, got '{text}'")
+    return seeds
 
 
 def add_parser(sub) -> None:
@@ -76,6 +99,9 @@ def add_parser(sub) -> None:
                        "the same command again resumes it, or does nothing if it finished.")
     add_run_options(p)
     add_runtime_options(p)
+    p.add_argument("--seeds", type=seed_list, metavar="S,S,...", help="train these seeds (e.g. 0,1,2) "
+                   "at once as one array: one network holding every run side by side, each run in its own "
+                   "directory exactly as if trained alone (up to float rounding); instead of --seed")
     p.add_argument("--out", default="runs", help="results directory (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr "
                    "is not a terminal; the line per epoch is always printed)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import RunConfig, RuntimeOptions
 from ..errors import NormlabError
 from . import ranks
-from .array import fusable
+from .array import auto_array_size, fusable
 from .build import resolve_device
 from .control import EXIT_INTERRUPTED, STOP, Interrupted, RunBusy
 from .loop import Trainer
@@ -68,5 +68,5 @@ def train(cfg: RunConfig, run_dir: str | Path, opts: RuntimeOptions | None = Non
                        on_epoch=on_epoch)[cfg.normalized().run_id()]
 
 
-__all__ = ["EXIT_INTERRUPTED", "STOP", "Interrupted", "RunBusy", "Trainer", "fusable", "resolve_device",
+__all__ = ["EXIT_INTERRUPTED", "STOP", "Interrupted", "RunBusy", "Trainer", "auto_array_size", "fusable", "resolve_device",
            "start", "train", "train_array"]

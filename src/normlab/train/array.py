@@ -29,6 +29,14 @@ from ..norms import parse_norm
 CHANNEL_ATTRIBUTES = ("num_features", "num_channels", "num_groups")
 
 
+def auto_array_size(cfg, device: str, amp: bool) -> int:
+    """How many runs of `cfg` (differing only in their seeds) `--fuse auto` trains as one array:
+    where fusing was measured to pay on this kind of device (README, Run arrays; benchmarks/)."""
+    if device != "cpu":
+        return 1  # not measured on a GPU yet: scripts/gpu-check.sh measures it
+    return 3 if cfg.images_per_step <= 8 else 1
+
+
 def fusable(norm: str) -> str | None:
     """Why runs of this norm cannot be fused (None if they can)."""
     spec = parse_norm(norm)

@@ -337,10 +337,16 @@ class Trainer:
             if stop:
                 self.save_checkpoint()
                 self.write_status("interrupted")
-                raise Interrupted(str(self.members[0].dir))
+                raise Interrupted(self.where())
             if save:
                 self.save_checkpoint()  # within a long epoch, so that preemption loses little
                 last_save = time.perf_counter()
+
+    def where(self) -> str:
+        """The run directory, or directories, of this training (for messages)."""
+        if self.runs == 1:
+            return str(self.members[0].dir)
+        return f"{self.runs} run directories under {self.members[0].dir.parent}"
 
     def diverged(self) -> list[int]:
         """The runs whose loss became NaN or infinite (the sums are the same on every rank)."""
@@ -359,6 +365,9 @@ class Trainer:
             optimizers = [self.network.optimizer_state(optimizer, r) for r in keep]
             self.members = [self.members[r] for r in keep]
             self.assemble(models, optimizers)
+            for member in self.members:  # config.json says how the run trains from now on
+                if self.dist.writer:
+                    rundir.write_json(member.dir / rundir.CONFIG, self.describe(member))
         else:
             self.members = []
         return statuses
@@ -446,7 +455,7 @@ class Trainer:
                         on_epoch(self, member, row)
                 if self.dist.agree(STOP.is_set())[0] and self.epoch < self.cfg.epochs:
                     self.write_status("interrupted")
-                    raise Interrupted(str(self.members[0].dir))
+                    raise Interrupted(self.where())
         except (Interrupted, NormlabError):
             raise
         except Exception as err:
