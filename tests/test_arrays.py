@@ -239,3 +239,37 @@ def test_kill_9_of_an_array_then_rerun_gives_the_uninterrupted_metrics(tmp_path)
         assert strip(rundir.read_metrics(out / run / rundir.METRICS)) == \
             strip(rundir.read_metrics(ref / run / rundir.METRICS)), run
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(run_state.PREVIOUS))
+
+
+def test_evaluation_and_precise_bn_per_run():
+    """Each run's test error and PreciseBN statistics in the array are its own."""
+    from normlab.norms import precise_statistics
+    from normlab.train.loop import evaluate
+
+    cfg = RunConfig(model="resnet8", norm="bn", batch_size=8, virtual_gpus=2, precise_bn=64,
+                    epochs=1).normalized()
+    opts = RuntimeOptions(progress=False, threads=1, amp=False)
+    fused = Trainer(seeds(cfg), ["unused"] * 3, opts)
+    alone = [Trainer([c], ["unused"], opts) for c in seeds(cfg)]
+    for trainer in (fused, *alone):
+        with precise_statistics(trainer.model, trainer.precise_batches()):
+            results = evaluate(trainer.network, trainer.data.test, trainer.normalize, 500,
+                               trainer.autocast)
+        trainer.results = results
+    for r, trainer in enumerate(alone):
+        (loss, error), = trainer.results
+        assert abs(fused.results[r][0] - loss) < 1e-5 and abs(fused.results[r][1] - error) <= 0.2
+
+
+def test_a_study_trains_its_seeds_as_arrays(tmp_path, cifar_fixture):
+    from normlab.study import expand, run_study
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("name: tiny\nseeds: 2\nbase: {model: resnet8, data: cifar10, epochs: 2, batch_size: 10}\n"
+                      "studies:\n  norms:\n    - {norm: [bn, 'frn:learned-eps']}\n")
+    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1)
+    results = run_study(expand(str(preset)), tmp_path / "out", opts, array_size=lambda cfg: 4)
+    assert len(results) == 4 and {r["state"] for r in results.values()} == {"done"}
+    arrays = {rid: rundir.read_json(tmp_path / "out" / rid / rundir.CONFIG)["execution"].get("array")
+              for rid in results}
+    assert sorted(a["runs"] if a else 1 for a in arrays.values()) == [1, 1, 2, 2]  # FRN's learned eps: alone
