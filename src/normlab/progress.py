@@ -65,7 +65,8 @@ class StudyDisplay:
         summary = status.get("summary") or {}
         detail = ""
         if "median_final5_test_error" in summary:
-            detail = f", test error {summary['median_final5_test_error']:.2f}% (median of final 5)"
+            detail = (f", test error {summary['median_final5_test_error']:.2f}% (median of the final "
+                      f"{summary.get('final_epochs', 5)} epochs)")
         if status.get("error"):
             detail = f": {status['error']}"
         self.bar.write(f"{run_id}: {state}{detail}")

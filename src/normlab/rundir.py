@@ -147,12 +147,23 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def summarize(rows: list[dict], last: int = 5) -> dict:
-    """The GN paper's number: the median error of the final `last` epochs."""
+def final_epochs(epochs: int) -> int:
+    """How many final epochs the reported median takes: the GN paper's 5 of 100, but never more
+    than half the run (at least one), so that a short run's early, far-from-converged epochs do
+    not count (3 epochs: the last one; 7: the final 3; 10 or more: the final 5)."""
+    return max(1, min(5, epochs // 2))
+
+
+def summarize(rows: list[dict], epochs: int | None = None) -> dict:
+    """The GN paper's number: the median error of the final `final_epochs(epochs)` epochs
+    (epochs: the run's planned length, default the rows it has). The keys keep their historical
+    names (median_final5_*); `final_epochs` says how many epochs the medians took."""
     if not rows:
         return {}
+    last = final_epochs(epochs if epochs is not None else len(rows))
     tail = rows[-last:]
     summary = {"epochs_done": rows[-1]["epoch"],
+               "final_epochs": len(tail),
                "final_test_error": rows[-1]["test_error"],
                "median_final5_test_error": statistics.median(r["test_error"] for r in tail),
                "median_final5_train_error": statistics.median(r["train_error"] for r in tail)}
