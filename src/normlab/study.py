@@ -21,6 +21,7 @@ from . import rundir
 from .config import RunConfig, RuntimeOptions
 from .data import SIZES
 from .errors import NormlabError
+from .records import write_record
 
 PRESET_KEYS = {"name", "description", "workers", "seeds", "base", "studies"}
 
@@ -187,11 +188,9 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, d
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise NormlabError(f"cannot write to {out} ({err.strerror}); choose a writable --out") from None
-        rundir.remove_stale_temps(out)  # left by a study killed while writing study.json
         backend.prepare(out)
-        rundir.write_json(out / "study.json", {
-            "name": study.name, "description": study.description,
-            "studies": study.membership, "runs": {k: c.to_dict() for k, c in study.runs.items()}})
+        write_record(out, study.name, study.description, study.membership,
+                     {k: c.to_dict() for k, c in study.runs.items()})
         results = {rid: run_status(out / rid, cfg) for rid, cfg in study.runs.items()}
         todo = [rid for rid in study.runs if results[rid]["state"] not in rundir.FINISHED]
         todo.sort(key=lambda rid: -relative_cost(study.runs[rid]))  # longest first: less idle at the end
