@@ -16,25 +16,27 @@ from ..errors import NormlabError
 
 PRECISE = "@precise-bn="
 
-# family -> style; colours from the Okabe-Ito palette, told apart in grey by marker and line.
-# The order of this mapping is the order of rows and legends.
+# family -> style. Families take the Okabe-Ito colours; a variant of a family (+WS, + PreciseBN,
+# the other EvoNorm) takes a shade of its colour and a marker of its own, so that every norm in a
+# figure differs in colour and in marker, and variants still read as one family. The order of
+# this mapping is the order of rows and legends.
 FAMILIES = {
     "bn": {"color": "#000000", "marker": "o", "linestyle": "-"},
-    "bn+pbn": {"color": "#000000", "marker": "o", "linestyle": ":", "markerfacecolor": "white"},
-    "bn+ws": {"color": "#000000", "marker": "h", "linestyle": "--"},
+    "bn+pbn": {"color": "#9A9A9A", "marker": "p", "linestyle": ":"},
+    "bn+ws": {"color": "#575757", "marker": "h", "linestyle": "--"},
     "brn": {"color": "#E69F00", "marker": "v", "linestyle": "-"},
-    "brn+pbn": {"color": "#E69F00", "marker": "v", "linestyle": ":", "markerfacecolor": "white"},
+    "brn+pbn": {"color": "#F2CF7F", "marker": "d", "linestyle": ":"},
     "ln": {"color": "#0072B2", "marker": "^", "linestyle": "-."},
     "in": {"color": "#009E73", "marker": "D", "linestyle": ":"},
     "gn": {"color": "#D55E00", "marker": "s", "linestyle": "--"},
-    "gn+ws": {"color": "#D55E00", "marker": "X", "linestyle": "-"},
+    "gn+ws": {"color": "#EDA06B", "marker": "X", "linestyle": "-"},
     "frn": {"color": "#CC79A7", "marker": "P", "linestyle": "-"},
     "evonorm-s0": {"color": "#56B4E9", "marker": "<", "linestyle": "-"},
-    "evonorm-b0": {"color": "#56B4E9", "marker": ">", "linestyle": "--"},
-    "evonorm-b0+pbn": {"color": "#56B4E9", "marker": ">", "linestyle": ":", "markerfacecolor": "white"},
+    "evonorm-b0": {"color": "#2D7DAA", "marker": ">", "linestyle": "--"},
+    "evonorm-b0+pbn": {"color": "#A9D9F4", "marker": "H", "linestyle": ":"},
 }
 OTHER = {"color": "#7F7F7F", "marker": "x", "linestyle": "-"}
-GN_MARKERS = "sPXv<>*"
+MARKERS = "osD^v<>phHdPX*8"   # every filled marker, for norms of one family in one figure
 
 
 def variant(cfg) -> str:
@@ -86,12 +88,41 @@ def sweep_value(norm: str, key: str) -> int | None:
     return getattr(norms.parse_norm(norm), key)
 
 
+def shade(color: str, k: int) -> str:
+    """The k-th shade of a colour (k = 1, 2, ...): alternately lighter and darker."""
+    from matplotlib.colors import to_hex, to_rgb
+
+    rgb = to_rgb(color)
+    towards, amount = (1.0, 0.3 * ((k + 1) // 2)) if k % 2 else (0.0, 0.3 * (k // 2))
+    if max(rgb) < 0.2:  # black only gets lighter
+        towards, amount = 1.0, min(0.8, 0.25 * k)
+    return to_hex(tuple(c + (towards - c) * min(amount, 0.8) for c in rgb))
+
+
 def styles(names) -> dict[str, dict]:
-    """Norm -> matplotlib style: by family; several GN variants in one figure differ by marker."""
-    out, gn_index = {}, 0
-    for norm in sorted(set(names), key=sort_key):
+    """Norm -> matplotlib style, every norm its own colour and marker: by family; further norms
+    of a family in the same figure (GN G=4 beside GN G=16, say) take shades of its colour and
+    markers that no family in the figure uses."""
+    ordered = sorted(set(names), key=sort_key)
+    out, firsts = {}, {}
+    for norm in ordered:
+        firsts.setdefault(family(norm), norm)
+    for norm in firsts.values():
         out[norm] = dict(FAMILIES.get(family(norm), OTHER))
-        if family(norm) == "gn":
-            out[norm]["marker"] = GN_MARKERS[gn_index % len(GN_MARKERS)]
-            gn_index += 1
-    return out
+    colors = {s["color"] for s in out.values()}
+    markers = {s["marker"] for s in out.values()}
+    shades = {}
+    for norm in ordered:
+        if norm in out:
+            continue
+        style = dict(FAMILIES.get(family(norm), OTHER))
+        base, k = style["color"], shades.get(family(norm), 0) + 1
+        while shade(base, k) in colors and k < 6:  # six shades per family, then colours repeat
+            k += 1
+        shades[family(norm)] = k
+        style["color"] = shade(base, k)
+        style["marker"] = next((m for m in MARKERS if m not in markers), style["marker"])
+        colors.add(style["color"])
+        markers.add(style["marker"])
+        out[norm] = style
+    return {norm: out[norm] for norm in ordered}
