@@ -83,7 +83,7 @@ def test_findings_agree_when_the_data_show_the_published_effects(tmp_path):
     first = found[0]
     assert "GN paper, ImageNet ResNet-50: BN 23.6, GN G=32 24.1" in first.published
     assert "impl. report, CIFAR-10 ResNet-56: BN ≈ 7.45, GN G=16 ≈ 9.5" in first.published
-    assert "GN − BN +2.0" in first.numbers and "[" in first.numbers
+    assert "BN − GN -2.0" in first.numbers and "[" in first.numbers  # BN − GN, always
     assert any("G = 32 is the best group count" in u for u in untested)  # the GN paper's best G
 
 
@@ -109,7 +109,7 @@ def test_report_gives_intervals_findings_and_published_numbers(tmp_path):
                                   ("norms", "in", 32): 11.5, ("norms", "gn:16", 32): 9.5,
                                   ("batch-size", "bn", 128): 7.0})
     text = build_report(root).read_text()
-    assert text.index("## Findings") < text.index("## Setup") < text.index("## resnet56")
+    assert text.index("## Findings") < text.index("## Study: synthetic") < text.index("Setup:") < text.index("### resnet56")
     assert "| BN is ahead of GN at batch 32 (lower error) |" in text and "**agrees**" in text
     assert "How a verdict is reached" in text and "wholly on the predicted side of 0" in text
     # mean ± std [95 % interval] in every cell of this study; Welch's interval for BN − GN
@@ -127,7 +127,7 @@ def test_report_gives_intervals_findings_and_published_numbers(tmp_path):
     assert re.search(r"\| He et al\., CIFAR-10 ResNet-56 \[\d\]: BN \| 6\.97 \| - \| - \| - \|", text)
     assert text.count("| 6.97 |") == 1
     assert re.search(r"\| GN paper, ImageNet ResNet-50 \[\d\]: BN − GN G=32 \| - \| -0\.5 \| \+0\.8 \| \+10\.6 \|", text)
-    assert "seeds: 12 points with 3 finished seeds" in text
+    assert "seeds: 0, 1, 2 (12 points with 3 finished seeds)" in text
 
 
 def test_other_models_see_published_numbers_labelled_as_another_setting(tmp_path):
@@ -142,10 +142,11 @@ def test_other_models_see_published_numbers_labelled_as_another_setting(tmp_path
 def test_one_seed_is_said_plainly(tmp_path):
     root = study(tmp_path / "r", paper_like(), seeds=1)
     text = build_report(root).read_text()
-    assert "one per point, so there are **no intervals**" in text
-    assert "One finished seed per point: the numbers below are single runs" in text
-    section = text.split("## resnet56")[1]
-    assert "±" not in section and "(1 seed)" not in section  # said once, not in every cell
+    # said once, at the top: not in the setup, the verdicts, the tables or the cells
+    assert text.count("**One seed per point**") == 1 and text.index("**One seed per point**") < text.index("## Findings")
+    assert text.lower().count("one seed") == 1 and "fewer than 2 finished seeds on a side" not in text
+    section = text.split("### resnet56")[1]
+    assert "±" not in section and "(1 seed)" not in section
     assert re.search(r"\| BN \| 7\.\d\d \| 13\.\d\d \| (19|20)\.\d\d \|", section)
 
 
@@ -163,7 +164,7 @@ def test_tidy_files_and_load_results_without_pandas(tmp_path, monkeypatch):
     for row in runs:  # the summary is the run's own
         status = rundir.read_json(root / row["path"] / rundir.STATUS)
         assert float(row["final_test_error"]) == pytest.approx(status["summary"]["median_final5_test_error"])
-        assert row["studies"] == "norms" and row["state"] == "done"
+        assert row["studies"] == "synthetic/norms" and row["state"] == "done"
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
     plain = normlab.load_results(root)
     assert isinstance(plain.runs, list) and len(plain.runs) == 4 and len(plain.curves) == 24

@@ -147,11 +147,12 @@ def test_report_from_synthetic_results(tmp_path):
     for model in ("resnet56", "resnet110"):
         for figure in (f"norms_{model}_b32.png", f"batch_size_{model}.png", f"batch_curves_{model}.png",
                        f"groups_{model}.png"):
-            assert (root / "figures" / figure).stat().st_size > 10_000
-            assert f"figures/{figure}" in report
-    assert "BN − GN G=16" in report and "best G:" in report and "best channels per group:" in report
+            assert (root / "figures" / "synthetic" / figure).stat().st_size > 10_000
+            assert f"figures/synthetic/{figure}" in report
+    assert "BN − GN G=16" in report and "lowest test error of G = 1, G = 4, G = 16:" in report
+    assert "lowest test error of 4 channels per group, 16 channels per group:" in report
     assert "1 diverged" in report and "± " in report
-    assert "median test error of the final 5 epochs" in report
+    assert "median test error of the final min(5, epochs // 2) epochs (at least 1): the final 4 of 8" in report
     # BN - GN at batch 2: BN is 20 points worse in this made-up data (seed 1 diverged: seed 0 only)
     line = next(l for l in report.splitlines() if l.startswith("| BN − GN"))
     assert line.split("|")[-2].strip() == "+20.00"

@@ -10,8 +10,10 @@ from .. import rundir
 from ..errors import NormlabError
 from . import findings, sections, tidy
 from .figures import pyplot
-from .runs import Warn, group_points, load_runs, membership, warn_stderr
-from .tables import all_runs_table, setup_lines
+from ..records import read_records
+from .runs import Warn, group_points, load_runs, warn_stderr
+from .studies import Study, studies_of
+from .tables import SIGNS, all_runs_table, number, seeds_notice, setup_lines
 
 
 def model_order(model: str):
@@ -30,18 +32,17 @@ def load_published(path, warn: Warn) -> list:
 
 def build_report(root: str | Path, references: str | Path | None = None, warn: Warn = warn_stderr,
                  out: str | Path | None = None) -> Path:
-    """Write out/report.md (findings first), out/figures/*.png, out/results.csv and
-    out/curves.csv from the run directories under root (out is root unless given: a read-only
-    results directory is reported elsewhere). `references` replaces the published numbers
-    shipped with normlab (references.yaml). Damaged run directories and a damaged reference
-    table are skipped with one warning each (through `warn`)."""
+    """Write out/report.md (findings first, then a section per study), out/figures/<study>/*.png,
+    out/results.csv and out/curves.csv from the run directories under root (out is root unless
+    given: a read-only results directory is reported elsewhere). `references` replaces the
+    published numbers shipped with normlab (references.yaml). Damaged run directories and a
+    damaged reference table are skipped with one warning each (through `warn`); figures that
+    this report did not draw (left by an earlier one) are removed."""
     root = Path(root)
     out = Path(out) if out is not None else root
     if not root.is_dir():
         raise NormlabError(f"{root} is not a directory; pass the --out directory of a study or run")
-    if (root / "study.json").exists() and rundir.read_json(root / "study.json") is None:
-        raise NormlabError(f"{root / 'study.json'} is not valid JSON (edited or damaged by hand?); "
-                           f"restore it, or delete it and the report infers the studies from the runs")
+    studies_here = read_records(root)  # a damaged record is refused before anything is written
     found = rundir.list_runs(root)
     runs = load_runs(root, warn)
     if not runs:
@@ -58,44 +59,85 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     except OSError as err:
         raise NormlabError(f"cannot write the report into {out} ({err.strerror}); pass --out DIR to "
                            f"write it elsewhere (the run directories are only read)") from None
-    for directory in (out, figures):
+    for directory in (out, figures, *(p for p in figures.iterdir() if p.is_dir())):
         rundir.remove_stale_temps(directory)  # left by a report killed while writing
-    members = membership(root, runs)
-    study = rundir.read_json(root / "study.json") or {}
-    models = sorted({r.cfg.model for r in runs}, key=model_order)
-
-    found_claims, untested, body = [], [], []
-    for model in models:
-        model_runs = [r for r in runs if r.cfg.model == model]
-        mine = refs_module.for_model(published, model)
-
-        def points_of(*names):
-            chosen = [r for r in model_runs if any(r.id in members.get(n, set()) for n in names)]
-            return list(group_points(chosen).values())
-
-        claims, cannot = findings.findings(model, points_of("batch-size", "norms"), points_of("groups"), mine)
+    studies = studies_of(root, runs)
+    single = all(len(p.finals) < 2 for p in group_points(runs).values())
+    found_claims, untested, body, written = [], [], [], set()
+    for study in studies:
+        claims, cannot, lines = study_section(study, published, plt, figures, single, written, len(studies) > 1)
         found_claims += claims
-        untested += [f"{model}: {u}" for u in cannot]
-        body += [f"## {model}", ""]
-        names = list(sections.SECTIONS) + [n for n in members if n not in sections.SECTIONS]
-        for name in names:
-            points = points_of(name)
-            if not points:
-                continue
-            title, section = sections.SECTIONS.get(name, (f"Study '{name}'", sections.generic))
-            ctx = sections.Context(plt, model, points, figures, mine)
-            body += [f"### {title}", ""] + section(ctx)
-        body += ["### All runs", "", all_runs_table(model_runs), ""]
+        untested += cannot
+        body += lines
 
-    md = [f"# normlab report: {study.get('name', root.name)}", ""]
-    if study.get("description"):
-        md += [str(study["description"]), ""]
+    only = studies[0] if len(studies) == 1 and studies_here else None
+    md = [f"# normlab report: {only.name if only else root.resolve().name}", ""]
+    if only and only.description:
+        md += [only.description, ""]
+    if len(studies) > 1:
+        md += [f"This directory holds {len(studies)} studies, each with its own section below: "
+               + "; ".join(f"`{s.name}` ({len(s.runs)} runs{', ' + s.progress() if s.progress() else ''})"
+                           for s in studies) + ".", ""]
+    md += seeds_notice(list(group_points(runs).values())) + ["", SIGNS, ""]
+    md += [f"Tidy results: `{tidy.RESULTS}` (one row per run) and `{tidy.CURVES}` (one row per run and "
+           f"epoch) beside this file; `normlab.load_results(\"{out}\")` reads them.", ""]
     md += findings.section(found_claims, untested)
-    md += ["## Setup", ""] + setup_lines(runs) + [
-        f"- tidy results: `{tidy.RESULTS}` (one row per run) and `{tidy.CURVES}` (one row per run "
-        f"and epoch) beside this file; `normlab.load_results(\"{out}\")` reads them", ""]
     md += body
     path = out / "report.md"
     rundir.atomic_write(path, "\n".join(md).encode())
+    remove_stale_figures(figures, written)
     tidy.write(root, runs, out)
     return path
+
+
+def study_section(study: Study, published: list, plt, figures: Path, single: bool, written: set,
+                  several: bool) -> tuple[list, list[str], list[str]]:
+    """One study's findings, the claims it cannot test, and its section of report.md."""
+    progress = study.progress()
+    md = [f"## Study: {study.name}", ""]
+    if study.description and several:
+        md += [study.description, ""]
+    if study.inferred and several:
+        md += ["Runs that no study record names (trained by `normlab train`, or left by an earlier "
+               "version of a study); their parts are inferred from their configs.", ""]
+    if progress:
+        md += [f"**{progress[0].upper() + progress[1:]}**: the numbers below are those of the finished "
+               f"runs; figures show the epochs done so far.", ""]
+    md += ["Setup:", ""] + setup_lines(study.runs) + [""]
+    claims, untested = [], []
+    for model in sorted({r.cfg.model for r in study.runs}, key=model_order):
+        model_runs = [r for r in study.runs if r.cfg.model == model]
+        mine = refs_module.for_model(published, model)
+        name = f"{model}, {study.name}" if several else model
+
+        def points_of(*parts):
+            chosen = [r for r in model_runs if any(r.id in study.members.get(n, set()) for n in parts)]
+            return list(group_points(chosen).values())
+
+        found, cannot = findings.findings(name, points_of("batch-size", "norms"), points_of("groups"), mine)
+        claims += found
+        untested += [f"{name}: {u}" + (f" ({progress})" if progress else "") for u in cannot]
+        md += [f"### {model}", ""]
+        folder = figures / study.folder
+        folder.mkdir(exist_ok=True)
+        parts = list(sections.SECTIONS) + [n for n in study.members if n not in sections.SECTIONS]
+        for part in parts:
+            points = points_of(part)
+            if not points:
+                continue
+            title, section = sections.SECTIONS.get(part, (f"Part '{part}'", sections.generic))
+            ctx = sections.Context(plt, model, points, folder, mine, link=f"figures/{study.folder}",
+                                   single=single, number=number(model_runs), written=written)
+            md += [f"#### {title}", ""] + section(ctx)
+        md += ["#### All runs", "", all_runs_table(model_runs), ""]
+    return claims, untested, md
+
+
+def remove_stale_figures(figures: Path, written: set) -> None:
+    """PNGs under figures/ that this report did not draw: an earlier report's, now stale."""
+    for png in figures.rglob("*.png"):
+        if png not in written:
+            png.unlink(missing_ok=True)
+    for folder in figures.iterdir():
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

@@ -1,8 +1,12 @@
-"""The report's PNG figures (matplotlib, Agg). Shaded bands and error bars are 95 % intervals
-of the mean over seeds; with one seed a figure says it has none. Published numbers of this
-study's setting are drawn on its axes (hollow markers, dotted); those of other settings in a
-panel of their own, labelled with their setup, so that levels are never compared across
-settings by eye."""
+"""The report's PNG figures (matplotlib, Agg). Each function returns a figure (or None when
+there is nothing to draw yet, mid-study) and `save` writes it; tests check the artists.
+
+Every panel has a title; legends sit outside the data, at the right; every norm has its own
+colour and marker (labels.styles); epochs are whole numbers. Shaded bands and error bars are
+95 % intervals of the mean over seeds (none with one seed). Published numbers of this study's
+setting are drawn on its axes (hollow markers, dotted), those of other settings in panels of
+their own, so that levels are never compared across settings by eye; published numbers that
+are not a series (fewer than three: a source's best and worst, say) are markers only."""
 from __future__ import annotations
 
 import io
@@ -15,45 +19,106 @@ from .published import short_setting
 from .runs import Point
 
 Series = list[tuple[Published, str, list[tuple[int, float]]]]  # (example, name, points)
-FINAL = "test error (%), median of final 5 epochs"
-# the two GN sweeps of the GN paper's Table 3, drawn in GN's and LN's colours
-SWEEPS = (("groups", "G groups", FAMILIES["gn"]), ("per_group", "channels per group", FAMILIES["ln"]))
+# the two GN sweeps of the GN paper's Table 3: key, axis label, title, marker; x runs from LN
+# (G = 1; all channels in one group) on the left to IN (G = C; 1 channel per group) on the right
+SWEEPS = (("groups", "groups per layer G (1 = LN)", "against the group count G", "s"),
+          ("per_group", "channels per group (1 = IN)", "against channels per group", "D"))
+SWEEP_COLOR = FAMILIES["gn"]["color"]
+PANEL = (4.0, 3.0)  # inches per panel, legend aside
 
 
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9,
+                         "legend.fontsize": 7, "axes.titlesize": 9})
     return plt
 
 
-def uncertainty_note(points: list[Point]) -> str:
-    if any(len(p.finals) >= 2 for p in points):
-        return "bands and bars: 95 % CI over seeds"
-    return "one seed per point: no intervals"
-
-
-def save(plt, fig, title: str, path: Path) -> None:
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()  # written atomically, like every file of a results directory
+def save(plt, fig, path: Path) -> None:
+    """Write the figure to path atomically, like every file of a results directory."""
+    buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     rundir.atomic_write(path, buffer.getvalue())
 
 
-def draw_band(ax, point: Point, column: str, style: dict, name: str, every: int = 10) -> None:
+def figure(plt, title: str, rows: int, cols: int, extra_width: float = 1.8):
+    """A figure of panels sharing one legend, which goes at the right (figure_legend)."""
+    fig = plt.figure(figsize=(PANEL[0] * cols + extra_width, PANEL[1] * rows + 0.5), layout="constrained")
+    fig.suptitle(title)
+    return fig
+
+
+def figure_legend(fig, axes) -> None:
+    """One legend for panels that show the same series, outside them at the right."""
+    entries = {}
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(name, handle)
+    if entries:  # centred at the right, clear of the title; the figure grows to hold it
+        fig.set_figheight(max(fig.get_figheight(), 0.2 * len(entries) + 1.0))
+        fig.legend(list(entries.values()), list(entries), loc="outside right center")
+
+
+def panel_grid(plt, title: str, cells: list[list[bool]], legend_rows: list[int]):
+    """A figure of panels with a legend each, below it: a grid of subfigures, one per cell that
+    is True (the others stay blank, so that panels along one x axis stand in one column).
+    legend_rows: per grid row, the most legend lines a panel of it has. Returns the figure and
+    the subfigures by (row, col)."""
+    rows, cols = len(cells), len(cells[0])
+    heights = [PANEL[1] + 0.16 * n for n in legend_rows]
+    fig = plt.figure(figsize=(PANEL[0] * cols, sum(heights) + 0.4), layout="constrained")
+    fig.suptitle(title)
+    subs = fig.subfigures(rows, cols, squeeze=False, height_ratios=heights)
+    return fig, {(r, c): subs[r][c] for r in range(rows) for c in range(cols) if cells[r][c]}
+
+
+def legend_below(sub, ax) -> None:
+    """The panel's legend under it, inside its subfigure."""
+    handles, names = ax.get_legend_handles_labels()
+    if handles:
+        sub.legend(handles, names, loc="outside lower center", ncol=2 if len(names) > 4 else 1)
+
+
+def legend_lines(count: int) -> int:
+    return count if count <= 4 else -(-count // 2)
+
+
+def uncertainty_note(points: list[Point]) -> str:
+    """What the bands mean, where there are any (one seed: nothing to say here)."""
+    return " (bands and bars: 95 % CI over seeds)" if any(len(p.finals) >= 2 for p in points) else ""
+
+
+def epoch_axis(ax, last: int) -> None:
+    """Whole epochs only: every epoch ticked up to 12, else MaxNLocator's whole numbers."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    if last <= 12:
+        ax.set_xticks(range(1, last + 1))
+        ax.set_xlim(0.6, last + 0.4)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def draw_band(ax, point: Point, column: str, style: dict, name: str, every: int = 10) -> int:
+    """A point's curve (mean over seeds) with its 95 % band; returns its last epoch (0: none)."""
     xs, ys, lows, highs = point.band(column)
+    if not xs:
+        return 0
     ax.plot(xs, ys, label=name, markevery=max(1, len(xs) // every), **style)
     if lows is not None:
         ax.fill_between(xs, lows, highs, color=style["color"], alpha=0.15, linewidth=0)
-    if xs and any(r.state == "diverged" for r in point.runs):
+    if any(r.state == "diverged" for r in point.runs):
         ax.plot(xs[-1], ys[-1], marker="x", color="red", markersize=10, zorder=5)
+    return xs[-1]
 
 
 def draw_summary(ax, xs: list, summaries: list, name: str, style: dict) -> None:
-    """Means with their 95 % interval as error bars (none for single seeds)."""
+    """Means with their 95 % interval as error bars (none for single seeds); a line joins them
+    only when there are several (a series)."""
     means = [s.mean for s in summaries]
     low = [s.mean - s.low if s.has_interval else 0 for s in summaries]
     high = [s.high - s.mean if s.has_interval else 0 for s in summaries]
@@ -61,125 +126,173 @@ def draw_summary(ax, xs: list, summaries: list, name: str, style: dict) -> None:
     ax.errorbar(xs, means, yerr=bars, label=name, capsize=3, **style)
 
 
-def draw_published(ax, series: Series, style_of=None) -> None:
-    """Published curves, hollow markers on dotted lines, each labelled with its setting."""
+def draw_published(ax, series: Series, style_of=None, names: bool = True) -> None:
+    """Published numbers, hollow markers, each labelled with its setting (and, with `names`, the
+    series' name: 'BN'); dotted lines join them only where the source gives a series (three or
+    more numbers)."""
     for i, (p, name, pts) in enumerate(series):
         style = dict(style_of(p) if style_of else FAMILIES.get(family(p.norm), OTHER))
-        style.pop("name", None)
+        style.update(linestyle=":" if len(pts) >= 3 else "none", markerfacecolor="none",
+                     marker="os^Dv<>"[i % 7], markersize=9, markeredgewidth=1.5, zorder=5)
         # on top of the study's markers, larger, so that a number equal to the study's shows as a ring
-        style.update(linestyle=":", markerfacecolor="none", marker="os^Dv<>"[i % 7], markersize=9,
-                     markeredgewidth=1.5, zorder=5)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], label=f"{short_setting(p)}: {name}", **style)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], label=short_setting(p) + (f": {name}" if names else ""), **style)
 
 
 def log2_axis(ax, ticks, reverse: bool = False) -> None:
     ax.set_xscale("log", base=2)
-    ticks = sorted(set(ticks), reverse=reverse)
+    ticks = sorted(set(ticks))
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
     if reverse:
         ax.invert_xaxis()  # large batch on the left, as in the paper
 
 
-def other_panel(ax, series: Series, xlabel: str, reverse: bool) -> None:
-    draw_published(ax, series)
-    log2_axis(ax, [x for _, _, pts in series for x, _ in pts], reverse)
-    ax.set_title("published, other settings (trends, not levels)")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("published error (%)")
-    ax.legend(fontsize=7)
-
-
-def plot_norm_curves(plt, points: list[Point], title: str, path: Path, same: list[Published]) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    style = styles(p.norm for p in points)
-    for p in sorted(points, key=lambda p: sort_key(p.norm)):
-        for ax, column in zip(axes, ("train_error", "test_error")):
-            draw_band(ax, p, column, style[p.norm], label(p.norm))
+def norm_curves(plt, points: list[Point], title: str, same: list[Published]):
+    """Train and test error per epoch, one line per norm; None before any epoch has finished."""
+    drawn = [p for p in sorted(points, key=lambda p: sort_key(p.norm)) if p.band("test_error")[0]]
+    if not drawn:
+        return None
+    fig = figure(plt, title + uncertainty_note(drawn), 1, 2)
+    axes = fig.subplots(1, 2, sharey=True)
+    style = styles(p.norm for p in drawn)
+    last = max(draw_band(ax, p, column, style[p.norm], label(p.norm))
+               for p in drawn for ax, column in zip(axes, ("train_error", "test_error")))
     for ref in same:  # this study's setting only: the final error a full run reached
         s = style.get(ref.norm, OTHER)
         axes[1].axhline(ref.error, color=s["color"], linestyle=":", linewidth=1,
                         label=f"{short_setting(ref)}: {label(ref.norm)}")
     for ax, name in zip(axes, ("train error (%)", "test error (%)")):
-        ax.set_xlabel("epoch")
+        epoch_axis(ax, last)
         ax.set_ylabel(name)
-    axes[1].legend(fontsize=7)
-    save(plt, fig, f"{title} ({uncertainty_note(points)})", path)
+        ax.set_title(name.replace(" (%)", " per epoch"))
+    figure_legend(fig, axes)
+    return fig
 
 
-def plot_batch_sizes(plt, points: list[Point], title: str, path: Path, same: Series, other: Series) -> None:
-    fig, axes = plt.subplots(1, 2 if other else 1, figsize=(9.5 if other else 5.5, 3.8), squeeze=False)
-    ax = axes[0][0]
+def batch_sizes(plt, points: list[Point], title: str, same: Series, other: Series, ylabel: str):
+    """Final error against batch size, one line per norm (published numbers of other settings
+    in a panel of their own); None before any run has finished."""
     by_norm: dict[str, list[Point]] = {}
     for p in points:
-        by_norm.setdefault(p.norm, []).append(p)
+        if p.summary():
+            by_norm.setdefault(p.norm, []).append(p)
+    if not by_norm:
+        return None
+    if other:
+        fig, subs = panel_grid(plt, title, [[True, True]], [legend_lines(max(len(by_norm) + len(same), len(other)))])
+        ax = subs[0, 0].subplots()
+    else:
+        fig = figure(plt, title, 1, 1, extra_width=2.2)
+        ax = fig.subplots()
     style = styles(by_norm)
     for norm in sorted(by_norm, key=sort_key):
-        pts = sorted((p for p in by_norm[norm] if p.summary()), key=lambda p: -p.cfg.batch_size)
-        if pts:
-            draw_summary(ax, [p.cfg.batch_size for p in pts], [p.summary() for p in pts], label(norm), style[norm])
+        pts = sorted(by_norm[norm], key=lambda p: -p.cfg.batch_size)
+        draw_summary(ax, [p.cfg.batch_size for p in pts], [p.summary() for p in pts], label(norm), style[norm])
     draw_published(ax, same, lambda p: style.get(p.norm, FAMILIES.get(family(p.norm), OTHER)))
-    log2_axis(ax, [p.cfg.batch_size for p in points] + [x for _, _, pts in same for x, _ in pts], reverse=True)
+    log2_axis(ax, [p.cfg.batch_size for ps in by_norm.values() for p in ps] + [x for _, _, pts in same for x, _ in pts],
+              reverse=True)
     ax.set_xlabel("batch size (images per device)")
-    ax.set_ylabel(FINAL)
-    ax.set_title(f"this study ({uncertainty_note(points)})")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"this study{uncertainty_note(points)}")
     if other:
-        other_panel(axes[0][1], other, "batch size (images per device)", reverse=True)
-    save(plt, fig, title, path)
+        legend_below(subs[0, 0], ax)
+        other_panel(subs[0, 1], other, "batch size (images per device)", reverse=True)
+    else:
+        figure_legend(fig, [ax])
+    return fig
 
 
-def plot_batch_curves(plt, points: list[Point], title: str, path: Path) -> None:
-    sizes = sorted({p.cfg.batch_size for p in points}, reverse=True)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes), 3.2), sharey=True, squeeze=False)
-    style = styles(p.norm for p in points)
-    for ax, size in zip(axes[0], sizes):
-        for p in sorted((p for p in points if p.cfg.batch_size == size), key=lambda p: sort_key(p.norm)):
-            draw_band(ax, p, "test_error", style[p.norm], label(p.norm), every=8)
-        ax.set_title(f"batch {size}")
-        ax.set_xlabel("epoch")
-    axes[0][0].set_ylabel("test error (%)")
-    axes[0][-1].legend(fontsize=7)
-    save(plt, fig, f"{title} ({uncertainty_note(points)})", path)
+def other_panel(sub, series: Series, xlabel: str, reverse: bool = False, style_of=None, names: bool = True) -> None:
+    """Published numbers of other settings than the study's, in a panel of their own."""
+    ax = sub.subplots()
+    draw_published(ax, series, style_of, names)
+    log2_axis(ax, [x for _, _, pts in series for x, _ in pts], reverse)
+    ax.set_title("published, other settings (trends, not levels)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("published error (%)")
+    legend_below(sub, ax)
 
 
-def plot_groups(plt, points: list[Point], title: str, path: Path, same: dict[str, Series],
-                other: dict[str, Series]) -> None:
-    """Curves per group count; final error against G and against channels per group."""
-    by_groups = sorted((p for p in points if sweep_value(p.norm, "groups")),
-                       key=lambda p: -sweep_value(p.norm, "groups"))
-    has_other = any(other.values())
-    fig, axes = plt.subplots(1, 3 if has_other else 2, figsize=(13.5 if has_other else 9, 3.8))
-    cmap = plt.get_cmap("viridis")
-    for i, p in enumerate(by_groups):
-        style = {"color": cmap(i / max(1, len(by_groups) - 1) * 0.9), "marker": "osD^vP*X"[i % 8]}
-        draw_band(axes[0], p, "test_error", style, f"G={sweep_value(p.norm, 'groups')}", every=8)
-    axes[0].set_xlabel("epoch")
+def batch_curves(plt, points: list[Point], title: str):
+    """Test error per epoch, a panel per batch size; None before any epoch has finished."""
+    drawn = [p for p in points if p.band("test_error")[0]]
+    sizes = sorted({p.cfg.batch_size for p in drawn}, reverse=True)
+    if not sizes:
+        return None
+    fig = figure(plt, title + uncertainty_note(drawn), 1, len(sizes))
+    axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
+    style = styles(p.norm for p in drawn)
+    for ax, size in zip(axes, sizes):
+        at = sorted((p for p in drawn if p.cfg.batch_size == size), key=lambda p: sort_key(p.norm))
+        epoch_axis(ax, max(draw_band(ax, p, "test_error", style[p.norm], label(p.norm), every=8) for p in at))
+        ax.set_title(f"batch {size} per device")
     axes[0].set_ylabel("test error (%)")
-    axes[0].legend(title="groups", fontsize=7)
-    ticks = []
-    for key, name, style in SWEEPS:
-        pts = sorted((p for p in points if sweep_value(p.norm, key) and p.summary()),
-                     key=lambda p: sweep_value(p.norm, key))
-        style = {k: v for k, v in style.items() if k != "name"}
-        if pts:
-            xs = [sweep_value(p.norm, key) for p in pts]
-            ticks += xs
-            draw_summary(axes[1], xs, [p.summary() for p in pts], name, style)
-        for item in same.get(key, []):
-            ticks += [x for x, _ in item[2]]
-            draw_published(axes[1], [item], lambda _, style=style: style)
-    log2_axis(axes[1], ticks or [1])
-    axes[1].set_xlabel("G, or channels per group")
-    axes[1].set_ylabel(FINAL)
-    axes[1].set_title(f"this study ({uncertainty_note(points)})")
-    axes[1].legend(fontsize=7)
-    if has_other:
-        for key, _, style in SWEEPS:
-            draw_published(axes[2], other.get(key, []), lambda _, style=style: style)
-        log2_axis(axes[2], [x for key in other for _, _, pts in other[key] for x, _ in pts])
-        axes[2].set_title("published, other settings (trends, not levels)")
-        axes[2].set_xlabel("G, or channels per group")
-        axes[2].set_ylabel("published error (%)")
-        axes[2].legend(fontsize=7)
-    save(plt, fig, title, path)
+    figure_legend(fig, axes)
+    return fig
+
+
+def group_curves(sub, points: list[Point], key: str, cmap) -> None:
+    """Test error per epoch along one sweep, coloured from LN-like to IN-like."""
+    ax = sub.subplots()
+    order = sorted(points, key=lambda p: sweep_value(p.norm, key) * (1 if key == "groups" else -1))
+    last = 0
+    for i, p in enumerate(order):
+        style = {"color": cmap(i / max(1, len(order) - 1) * 0.9), "marker": "osD^vP*Xph"[i % 10]}
+        last = max(last, draw_band(ax, p, "test_error", style, label(p.norm), every=8))
+    epoch_axis(ax, last)
+    ax.set_ylabel("test error (%)")
+    ax.set_title("test error per epoch, " + ("by G" if key == "groups" else "by channels per group"))
+    legend_below(sub, ax)
+
+
+def final_panel(sub, points: list[Point], same: Series, key: str, ylabel: str) -> None:
+    """Final error along one sweep (this study's, and published numbers of its setting)."""
+    ax = sub.subplots()
+    _, xlabel, what, marker = next(s for s in SWEEPS if s[0] == key)
+    style = {"color": SWEEP_COLOR, "marker": marker, "linestyle": "-"}
+    ticks = [sweep_value(p.norm, key) for p in points]
+    if points:
+        draw_summary(ax, ticks, [p.summary() for p in points], "this study", style)
+    draw_published(ax, same, lambda _: style, names=False)
+    log2_axis(ax, ticks + [x for _, _, pts in same for x, _ in pts], reverse=key == "per_group")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"final error {what}")
+    legend_below(sub, ax)
+
+
+def groups(plt, points: list[Point], title: str, same: dict[str, Series], other: dict[str, Series], ylabel: str):
+    """The GN sweeps: curves along a sweep, final error against G and against channels per group
+    (separate axes: they run in opposite directions; both from LN-like on the left to IN-like on
+    the right), published numbers of other settings under them. None before any epoch has
+    finished."""
+    with_rows = [p for p in points if p.band("test_error")[0]]
+    finished = {key: sorted((p for p in points if sweep_value(p.norm, key) and p.summary()),
+                            key=lambda p: sweep_value(p.norm, key)) for key, *_ in SWEEPS}
+    curve_key = next((key for key, *_ in SWEEPS if any(sweep_value(p.norm, key) for p in with_rows)), None)
+    curves = [p for p in with_rows if curve_key and sweep_value(p.norm, curve_key)]
+    keys = [key for key, *_ in SWEEPS if finished[key] or same.get(key) or other.get(key)]
+    if not curves and not any(finished[k] or same.get(k) for k in keys):
+        return None
+    # columns: the curves, then one per sweep; rows: this study, then other settings' numbers
+    columns = ([None] if curves else []) + keys
+    top = [c is None or bool(finished[c] or same.get(c)) for c in columns]
+    bottom = [c is not None and bool(other.get(c)) for c in columns]
+    cells = [top] + ([bottom] if any(bottom) else [])
+    lines = [max([legend_lines(len(curves))] + [1 + len(same.get(k, [])) for k in keys]),
+             max([len(other.get(k, [])) for k in keys] + [0])]
+    fig, subs = panel_grid(plt, title + uncertainty_note(points), cells, lines[:len(cells)])
+    for col, key in enumerate(columns):
+        if key is None:
+            group_curves(subs[0, col], curves, curve_key, plt.get_cmap("viridis"))
+            continue
+        xlabel, marker = next((s[1], s[3]) for s in SWEEPS if s[0] == key)
+        if top[col]:
+            final_panel(subs[0, col], finished[key], same.get(key, []), key, ylabel)
+        if bottom[col]:
+            style = {"color": SWEEP_COLOR, "marker": marker}
+            other_panel(subs[1, col], other[key], xlabel, reverse=key == "per_group", style_of=lambda _, s=style: s,
+                        names=False)
+    return fig

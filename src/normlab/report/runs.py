@@ -9,7 +9,6 @@ import collections
 import csv
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,10 +38,11 @@ class Run:
 
     @property
     def final(self) -> float | None:
-        """The GN paper's number: median test error of the final 5 epochs (finished runs only)."""
+        """The GN paper's number: median test error of the final epochs (finished runs only;
+        how many epochs: rundir.final_epochs)."""
         if self.state != "done" or not self.rows:
             return None
-        return statistics.median(r["test_error"] for r in self.rows[-5:])
+        return rundir.summarize(self.rows, self.cfg.epochs)["median_final5_test_error"]
 
 
 @dataclass
@@ -176,12 +176,9 @@ def group_points(runs: list[Run]) -> dict[str, Point]:
     return points
 
 
-def membership(root: Path, runs: list[Run]) -> dict[str, set[str]]:
-    """Study name -> run ids, from study.json or inferred from the configs."""
-    study = rundir.read_json(Path(root) / "study.json")
-    if study and isinstance(study.get("studies"), dict):
-        return {str(name): {str(i) for i in ids} for name, ids in study["studies"].items()
-                if isinstance(ids, list)}
+def infer_membership(runs: list[Run]) -> dict[str, set[str]]:
+    """Study name -> run ids for runs that no study record names: the norms at the most common
+    batch size, the norms run at several batch sizes, the GN variants at the common one."""
     batches = collections.Counter((r.cfg.batch_size, r.cfg.virtual_gpus) for r in runs)
     common = batches.most_common(1)[0][0] if batches else None
     at_common = {r.id for r in runs if (r.cfg.batch_size, r.cfg.virtual_gpus) == common}
@@ -191,14 +188,3 @@ def membership(root: Path, runs: list[Run]) -> dict[str, set[str]]:
     return {"norms": at_common,
             "batch-size": {r.id for r in runs if len(norms_at[r.cfg.norm]) > 1},
             "groups": {r.id for r in runs if r.id in at_common and family(r.cfg.norm) != "bn"}}
-
-
-def seeds_note(points: list[Point]) -> str | None:
-    """The line a table needs when its points cannot carry intervals, else None."""
-    counts = [len(p.finals) for p in points if p.finals]
-    if counts and max(counts) < 2:
-        return ("One finished seed per point: the numbers below are single runs, with no "
-                "interval; run more seeds (--seeds 3) to know how much they move.")
-    if counts and min(counts) < 2:
-        return "Points marked (1 seed) have one finished seed and no interval."
-    return None

@@ -5,7 +5,7 @@ a study without an entry gets `generic`. A new study adds one function and one e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..references import Published
@@ -13,8 +13,8 @@ from ..stats import difference, format_difference
 from . import figures, published as pub
 from .findings import by_norm_batch, gn_of, sweep
 from .labels import label, sort_key, sweep_value
-from .runs import Point, seeds_note
-from .tables import NUMBER, all_single, cell, table
+from .runs import Point
+from .tables import NUMBER, cell, table
 
 
 @dataclass
@@ -22,13 +22,21 @@ class Context:
     plt: object                  # matplotlib.pyplot
     model: str
     points: list[Point]          # this study's points for this model
-    figures: Path
+    figures: Path                # the study's folder of figures
     published: list[Published]   # the published numbers to set beside this model's
+    link: str = "figures"        # that folder as report.md links to it
+    single: bool = False         # one seed per point throughout the report (said once, at the top)
+    number: str = NUMBER         # what a table's number is: 'median of the final 3 epochs'
+    written: set = field(default_factory=set)   # the figures written, so that stale ones go
 
-
-def note(points: list[Point]) -> list[str]:
-    text = seeds_note(points)
-    return [text, ""] if text else []
+    def figure(self, fig, name: str, alt: str) -> list[str]:
+        """Save a figure and link it; a line saying why there is none yet (mid-study)."""
+        if fig is None:
+            return [f"(No figure of the {alt} yet: no run of it has finished an epoch.)", ""]
+        path = self.figures / name
+        figures.save(self.plt, fig, path)
+        self.written.add(path)
+        return [f"![{alt}]({self.link}/{name})", ""]
 
 
 def same_and_other(ctx: Context, series):
@@ -47,11 +55,11 @@ def norms(ctx: Context) -> list[str]:
         headers, extra = pub.columns(ctx.published, [(p.norm, size) for p in at], notes)
         same = [r for r in ctx.published if r.batch_size == size and r.norm in {p.norm for p in at}
                 and r.same_setting(ctx.model, at[0].cfg.data, vg)]
-        figures.plot_norm_curves(ctx.plt, at, f"{ctx.model}, batch {size} per device", ctx.figures / fig, same)
-        single = all_single(at)
-        rows = [[label(p.norm), cell(p, single), final_train(p)] + cells for p, cells in zip(at, extra)]
-        md += [f"![train and test error per norm](figures/{fig})", ""] + note(at)
-        md += [table(["norm", f"test error (%), {NUMBER}", "train error (%), final epoch"] + headers, rows), ""]
+        devices = f"{vg} devices x {size}" if vg > 1 else f"{size}"
+        md += ctx.figure(figures.norm_curves(ctx.plt, at, f"{ctx.model}, batch {devices} per device", same),
+                         fig, "train and test error per norm")
+        rows = [[label(p.norm), cell(p, ctx.single), final_train(p)] + cells for p, cells in zip(at, extra)]
+        md += [table(["norm", f"test error (%), {ctx.number}", "train error (%), final epoch"] + headers, rows), ""]
         md += notes.lines() + ([""] if notes.numbers else [])
     return md
 
@@ -64,15 +72,15 @@ def final_train(p: Point) -> str:
 def batch_size(ctx: Context) -> list[str]:
     points, model = ctx.points, ctx.model
     same, other = same_and_other(ctx, pub.batch_series(ctx.published))
-    figures.plot_batch_sizes(ctx.plt, points, f"{model}: error vs batch size", ctx.figures / f"batch_size_{model}.png",
-                             same, other)
-    figures.plot_batch_curves(ctx.plt, points, f"{model}: test error curves per batch size",
-                              ctx.figures / f"batch_curves_{model}.png")
+    md = ctx.figure(figures.batch_sizes(ctx.plt, points, f"{model}: error against batch size", same, other,
+                                        f"test error (%), {ctx.number}"),
+                    f"batch_size_{model}.png", "error against batch size")
+    md += ctx.figure(figures.batch_curves(ctx.plt, points, f"{model}: test error per epoch, by batch size"),
+                     f"batch_curves_{model}.png", "test error curves per batch size")
     sizes = sorted({p.cfg.batch_size for p in points}, reverse=True)
     norms_here = sorted({p.norm for p in points}, key=sort_key)
     cells = by_norm_batch(points)
-    single = all_single(points)
-    rows = [[label(n)] + [cell(cells.get((n, s)), single) for s in sizes] for n in norms_here]
+    rows = [[label(n)] + [cell(cells.get((n, s)), ctx.single) for s in sizes] for n in norms_here]
     gn = gn_of(cells)
     if gn and "bn" in norms_here:
         diffs = []
@@ -82,13 +90,29 @@ def batch_size(ctx: Context) -> list[str]:
         rows.append([f"BN − {label(gn)}"] + diffs)
     notes = pub.notes_for(points)
     rows += pub.batch_rows(ctx.published, norms_here, sizes, notes, gn)
-    md = [f"![error vs batch size](figures/batch_size_{model}.png)", "",
-          f"![BN and GN curves per batch size](figures/batch_curves_{model}.png)", "",
-          f"Test error (%), {NUMBER}, by images per device; BN − GN is positive where BN's error is "
-          f"higher, with Welch's 95 % interval in brackets where both have 2+ seeds. Rows named "
-          f"after a paper are published numbers at the same batch sizes.", ""] + note(points)
+    md += [f"Test error (%), {ctx.number}, by images per device"
+           + ("" if ctx.single else "; BN − GN with Welch's 95 % interval where both have 2+ seeds")
+           + ". Rows named after a paper are published numbers at the same batch sizes.", ""]
     md += [table(["norm"] + [str(s) for s in sizes], rows), ""]
     return md + notes.lines() + ([""] if notes.numbers else [])
+
+
+def lowest(ctx: Context, scored: dict, name, among: str = "") -> str | None:
+    """'lowest test error of G = 1, G = 4, G = 16: G = 16 (9.50 %)' (or of `among`), and what
+    the intervals say; None for fewer than two settings (nothing to choose from)."""
+    if len(scored) < 2:
+        return None
+    top = min(scored, key=lambda v: scored[v].summary().mean)
+    text = (f"lowest test error of {among or ', '.join(name(v) for v in scored)}: {name(top)} "
+            f"({scored[top].summary().mean:.2f} %)")
+    if ctx.single:
+        return text
+    if any(len(p.finals) < 2 for p in scored.values()):
+        return text + "; some have one seed, so no interval tells whether it beats them"
+    tied = [name(v) for v, p in scored.items() if v != top
+            and (d := difference(p.finals, scored[top].finals)) and d.has_interval and d.low <= 0]
+    return text + (f"; within the 95 % interval of it: {', '.join(tied)}" if tied else
+                   "; every other is worse beyond its 95 % interval")
 
 
 def groups(ctx: Context) -> list[str]:
@@ -99,66 +123,47 @@ def groups(ctx: Context) -> list[str]:
     same, other = {}, {}
     for key in ("groups", "per_group"):
         same[key], other[key] = same_and_other(ctx, pub.sweep_series(ctx.published, key, batch))
-    figures.plot_groups(ctx.plt, points, f"{ctx.model}: GN group count", ctx.figures / f"groups_{ctx.model}.png",
-                        same, other)
+    md = ctx.figure(figures.groups(ctx.plt, points, f"{ctx.model}: GN group count, batch {batch}", same, other,
+                                   f"test error (%), {ctx.number}"),
+                    f"groups_{ctx.model}.png", "GN group sweep")
     ordered = [(key, what, p) for key, what in (("groups", "G"), ("per_group", "channels per group"))
                for p in sorted((p for p in points if sweep_value(p.norm, key)), key=lambda p: sweep_value(p.norm, key))]
     notes = pub.notes_for(points)
     headers, extra = pub.columns(ctx.published, [(p.norm, p.cfg.batch_size) for _, _, p in ordered], notes)
-    single = all_single(points)
-    rows = [[f"{what} = {sweep_value(p.norm, key)}", label(p.norm), cell(p, single)] + cells
+    rows = [[f"{what} = {sweep_value(p.norm, key)}", label(p.norm), cell(p, ctx.single)] + cells
             for (key, what, p), cells in zip(ordered, extra)]
-    best = []
-    for key, what in (("groups", "G"), ("per_group", "channels per group")):
-        mine = sweep(points, key)
-        if mine:
-            top = min(mine, key=lambda v: mine[v].summary().mean)
-            tied = [v for v, p in mine.items() if v != top
-                    and (d := difference(p.finals, mine[top].finals)) and d.has_interval and d.low <= 0]
-            unsure = any(len(p.finals) < 2 for p in mine.values())
-            best.append(f"best {what}: {top} ({mine[top].summary().mean:.2f}% test error)"
-                        + ("; one seed, so no interval tells whether it beats the others" if unsure else
-                           f"; within the 95 % interval of it: {', '.join(map(str, sorted(tied)))}" if tied else
-                           "; every other setting is worse beyond its 95 % interval"))
-    md = [f"![GN group sweep](figures/groups_{ctx.model}.png)", ""] + note(points)
-    md += [table(["setting", "norm", f"test error (%), {NUMBER}"] + headers, rows), ""]
+    md += [table(["setting", "norm", f"test error (%), {ctx.number}"] + headers, rows), ""]
     md += notes.lines() + ([""] if notes.numbers else [])
-    return md + [f"- {b}" for b in best] + [""]
+    lines = [lowest(ctx, dict(sorted(sweep(points, "groups").items())), lambda v: f"G = {v}"),
+             lowest(ctx, dict(sorted(sweep(points, "per_group").items())), lambda v: f"{v} channels per group")]
+    return md + [f"- {line}" for line in lines if line] + [""]
 
 
 def zoo(ctx: Context) -> list[str]:
-    """Every normalization against batch size: one line per norm, a table with the best per
-    batch size and how the others compare with it (Welch intervals)."""
+    """Every normalization against batch size: one line per norm, a table with the lowest error
+    per batch size and how the others compare with it (Welch intervals)."""
     points, model = ctx.points, ctx.model
     same, other = same_and_other(ctx, pub.batch_series(ctx.published))
-    fig = f"zoo_{model}.png"
-    figures.plot_batch_sizes(ctx.plt, points, f"{model}: every normalization against batch size",
-                             ctx.figures / fig, same, other)
+    md = ctx.figure(figures.batch_sizes(ctx.plt, points, f"{model}: every normalization against batch size",
+                                        same, other, f"test error (%), {ctx.number}"),
+                    f"zoo_{model}.png", "every normalization against batch size")
     sizes = sorted({p.cfg.batch_size for p in points}, reverse=True)
     norms_here = sorted({p.norm for p in points}, key=sort_key)
     cells = by_norm_batch(points)
-    single = all_single(points)
-    rows = [[label(n)] + [cell(cells.get((n, s)), single) for s in sizes] for n in norms_here]
-    best = []
+    rows = [[label(n)] + [cell(cells.get((n, s)), ctx.single) for s in sizes] for n in norms_here]
+    lines = []
     for s in sizes:
         scored = {n: cells[(n, s)] for n in norms_here if (n, s) in cells and cells[(n, s)].summary()}
-        if not scored:
-            continue
-        top = min(scored, key=lambda n: scored[n].summary().mean)
-        tied = [label(n) for n, p in scored.items() if n != top
-                and (d := difference(p.finals, scored[top].finals)) and d.has_interval and d.low <= 0]
-        best.append(f"batch {s}: lowest error {label(top)} ({scored[top].summary().mean:.2f}%)"
-                    + ("; one seed, so no interval says whether it beats the others" if single else
-                       f"; within the 95 % interval of it: {', '.join(tied)}" if tied else
-                       "; every other norm is worse beyond its 95 % interval"))
+        line = lowest(ctx, scored, label, f"the {len(scored)} norms")
+        if line:
+            lines.append(f"batch {s}: {line}")
     notes = pub.notes_for(points)
     rows += pub.batch_rows(ctx.published, norms_here, sizes, notes, gn_of(cells))
-    md = [f"![every normalization against batch size](figures/{fig})", "",
-          f"Test error (%), {NUMBER}, by images per device. Rows named after a paper are published "
-          f"numbers.", ""] + note(points)
+    md += [f"Test error (%), {ctx.number}, by images per device. Rows named after a paper are published "
+           f"numbers.", ""]
     md += [table(["norm"] + [str(s) for s in sizes], rows), ""]
     md += notes.lines() + ([""] if notes.numbers else [])
-    return md + [f"- {b}" for b in best] + [""]
+    return md + [f"- {line}" for line in lines] + [""]
 
 
 def generic(ctx: Context) -> list[str]:
@@ -166,9 +171,9 @@ def generic(ctx: Context) -> list[str]:
     at = sorted(ctx.points, key=lambda p: (sort_key(p.norm), -p.cfg.batch_size, p.cfg.virtual_gpus))
     notes = pub.notes_for(at)
     headers, extra = pub.columns(ctx.published, [(p.norm, p.cfg.batch_size) for p in at], notes)
-    single = all_single(at)
-    rows = [[label(p.norm), p.cfg.batch_size, p.cfg.virtual_gpus, cell(p, single)] + cells for p, cells in zip(at, extra)]
-    return note(at) + [table(["norm", "batch", "virtual GPUs", f"test error (%), {NUMBER}"] + headers, rows), ""] \
+    rows = [[label(p.norm), p.cfg.batch_size, p.cfg.virtual_gpus, cell(p, ctx.single)] + cells
+            for p, cells in zip(at, extra)]
+    return [table(["norm", "batch", "virtual GPUs", f"test error (%), {ctx.number}"] + headers, rows), ""] \
         + notes.lines() + ([""] if notes.numbers else [])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 
+from .. import rundir
 from ..config import RunConfig
 from ..stats import format_summary, half_width
 from .labels import label, sort_key, variant
@@ -51,27 +52,62 @@ def seeds_per_point(runs: list[Run]) -> collections.Counter:
     return collections.Counter(len(p.finals) for p in group_points(runs).values() if p.finals)
 
 
+def number(runs: list[Run]) -> str:
+    """What a table's number is for these runs: 'median of the final 3 epochs'."""
+    counts = {rundir.final_epochs(r.cfg.epochs) for r in runs}
+    if len(counts) != 1:
+        return "median of the final epochs (how many: see the setup)"
+    k = counts.pop()
+    return "final epoch" if k == 1 else f"median of the final {k} epochs"
+
+
+def final_rule(runs: list[Run]) -> list[str]:
+    """The setup line saying which epochs the number takes, warning where the runs are too short
+    for the GN paper's rule."""
+    lengths = sorted({r.cfg.epochs for r in runs})
+    which = ", ".join(f"the final {rundir.final_epochs(e)} of {e}" for e in lengths)
+    line = (f"- the number reported: the median test error of the final min(5, epochs // 2) epochs "
+            f"(at least 1): {which}")
+    short = [e for e in lengths if rundir.final_epochs(e) < 5]
+    if short:
+        line += (f". **Runs of {', '.join(map(str, short))} epochs are too short for the GN paper's rule** "
+                 f"(the final 5 of 100 epochs): 5 would reach back into epochs far from converged, so "
+                 f"fewer are taken")
+    return [line]
+
+
+def seeds_notice(points: list[Point]) -> list[str]:
+    """What every number of the report is, said once at its top: the one-seed notice, or how the
+    intervals are made."""
+    counts = [len(p.finals) for p in points if p.finals]
+    if not counts or max(counts) < 2:
+        return ["**One seed per point**: every number in this report is a single run, with no interval, "
+                "and every verdict is inconclusive; a difference within the seed-to-seed spread (± 0.16 "
+                "points over 5 runs for He et al.'s CIFAR-10 ResNet-110; more on small data) may be "
+                "noise. Run `--seeds 3` or more for intervals."]
+    widths = ", ".join(f"± {half_width(n):.1f} std with {n} seeds" for n in (2, 3, 5))
+    text = ("Every number is the mean over seeds ± its standard deviation, with the 95 % confidence "
+            "interval of the mean in brackets (Student t); differences carry Welch's 95 % interval "
+            f"(the interval is {widths}: few seeds give wide intervals).")
+    if min(counts) < 2:
+        text += " Points marked (1 seed) have one finished seed and no interval."
+    return [text]
+
+
+SIGNS = ("Differences are written A − B in points of error, positive where A's error is higher: "
+         "BN − GN > 0 means that BN does worse than GN.")
+
+
 def setup_lines(runs: list[Run]) -> list[str]:
+    """The setup of one study's runs."""
     def values(get):
         return ", ".join(sorted({str(get(r)) for r in runs}))
     seconds = sum(row.get("seconds", 0) for r in runs for row in r.rows)
     semantics = {r.info.get("batch_semantics", "") for r in runs}
     cfgs = [r.cfg for r in runs]
     seeds = seeds_per_point(runs)
-    if seeds and max(seeds) >= 2:
-        spread = ", ".join(f"{c} point{'s' if c > 1 else ''} with {k} finished seed{'s' if k > 1 else ''}"
-                           for k, c in sorted(seeds.items()))
-        uncertainty = (f"- seeds: {spread}; every number is the mean over seeds ± its standard "
-                       f"deviation, with the 95 % confidence interval of the mean in brackets "
-                       f"(Student t); differences carry Welch's 95 % interval")
-        if min(seeds) < 5:
-            widths = ", ".join(f"± {half_width(n):.1f} std with {n} seeds" for n in (2, 3, 5))
-            uncertainty += f" (the interval is {widths}: few seeds give wide intervals)"
-    else:
-        uncertainty = ("- seeds: one per point, so there are **no intervals**: each number is a "
-                       "single run, and a difference within the seed-to-seed spread (± 0.16 points "
-                       "over 5 runs for He et al.'s CIFAR-10 ResNet-110; more on small data) may "
-                       "be noise; run `--seeds 3` or more for intervals")
+    spread = ", ".join(f"{c} point{'s' if c > 1 else ''} with {k} finished seed{'s' if k > 1 else ''}"
+                       for k, c in sorted(seeds.items()))
     lines = [
         f"- models: {values(lambda r: r.cfg.model)}; shortcut {values(lambda r: r.cfg.shortcut)}; "
         f"gamma = 0 in each block's last norm: {values(lambda r: r.cfg.zero_init_residual)}",
@@ -86,15 +122,12 @@ def setup_lines(runs: list[Run]) -> list[str]:
         f"{values(lambda r: r.info.get('data', {}).get('test'))} test images"
         + (f", {values(lambda r: r.info.get('data', {}).get('val'))} validation" if any(c.val_split for c in cfgs) else "")
         + "); pad-4 random crop + horizontal flip",
-        f"- device: {values(lambda r: r.info.get('device'))}; torch {values(lambda r: r.info.get('torch'))}; "
-        f"seeds: {values(lambda r: r.cfg.seed)}",
+        f"- device: {values(lambda r: r.info.get('device'))}; torch {values(lambda r: r.info.get('torch'))}",
+        f"- seeds: {values(lambda r: r.cfg.seed)}" + (f" ({spread})" if spread else ""),
         f"- runs: {len(runs)} ({', '.join(f'{n} {s}' for s, n in collections.Counter(r.state for r in runs).items())}); "
         f"training wall time {seconds / 3600:.2f} h in total",
-        "- the number reported is the median test error of the final 5 epochs (as in the GN paper), "
-        "mean ± std over seeds",
-        uncertainty,
     ]
-    return lines
+    return lines + final_rule(runs)
 
 
 def all_runs_table(runs: list[Run]) -> str:
@@ -108,4 +141,4 @@ def all_runs_table(runs: list[Run]) -> str:
         rows.append([r.id, label(variant(r.cfg)), r.cfg.batch_size, r.cfg.virtual_gpus, r.cfg.seed,
                      f"{r.cfg.lr:.4g}", len(r.rows), final, last, state])
     return table(["run", "norm", "batch", "virtual GPUs", "seed", "lr", "epochs",
-                  "test error (%), median of final 5", "at the last epoch", "state"], rows)
+                  f"test error (%), {number(runs)}", "at the last epoch", "state"], rows)

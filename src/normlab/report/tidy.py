@@ -14,7 +14,8 @@ from .. import rundir
 from ..config import RunConfig
 from ..errors import NormlabError
 from .labels import family, label, sweep_value, variant
-from .runs import Run, Warn, load_runs, membership, warn_stderr
+from .runs import Run, Warn, load_runs, warn_stderr
+from .studies import membership, studies_of
 
 RESULTS, CURVES = "results.csv", "curves.csv"
 CURVE_KEYS = ("run_id", "model", "norm", "batch_size", "virtual_gpus", "seed")
@@ -29,10 +30,10 @@ def value(v) -> str:
     return str(v)
 
 
-def run_row(run: Run, root: Path, studies: dict[str, set[str]]) -> dict:
-    cfg, rows, summary = run.cfg, run.rows, rundir.summarize(run.rows)
+def run_row(run: Run, root: Path, studies: dict[str, list[str]]) -> dict:
+    cfg, rows, summary = run.cfg, run.rows, rundir.summarize(run.rows, run.cfg.epochs)
     row = {"run_id": run.id, "path": str(run.path.relative_to(root)) if run.path != root else ".",
-           "studies": " ".join(name for name, ids in studies.items() if run.id in ids),
+           "studies": " ".join(studies.get(run.id, [])),  # 'quick/norms quick/groups'
            "state": run.state}
     row.update(dataclasses.asdict(cfg))  # every config field, the later ones too: stable columns
     row.update({"lr": cfg.lr, "images_per_step": cfg.images_per_step, "norm_label": label(variant(cfg)),
@@ -40,6 +41,7 @@ def run_row(run: Run, root: Path, studies: dict[str, set[str]]) -> dict:
                 "channels_per_group": sweep_value(cfg.norm, "per_group"),
                 "epochs_done": len(rows),
                 "final_test_error": run.final,
+                "final_epochs": summary.get("final_epochs") if run.final is not None else None,
                 "final_train_error": summary.get("median_final5_train_error") if run.final is not None else None,
                 "final_val_error": summary.get("median_final5_val_error") if run.final is not None else None,
                 "last_test_error": rows[-1]["test_error"] if rows else None,
@@ -70,7 +72,7 @@ def to_csv(rows: list[dict], fields: list[str] | None = None) -> str:
 
 def tables(root: Path, runs: list[Run]) -> tuple[str, str]:
     """(results.csv, curves.csv) as text."""
-    studies = membership(root, runs)
+    studies = membership(studies_of(root, runs))
     order = sorted(runs, key=lambda r: r.id)
     results_fields = None if order else ["run_id", "path", "studies", "state"] + [f.name for f in dataclasses.fields(RunConfig)]
     curves = [row for r in order for row in curve_rows(r)]
