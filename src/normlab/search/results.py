@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import rundir
-from ..stats import Summary, difference, format_summary, summarize
+from ..stats import Summary, difference, format_difference, format_summary, summarize
 from .trials import RUNS, Search
 
 JSON_FILE, MARKDOWN_FILE = "search.json", "search.md"
@@ -38,6 +38,9 @@ def collect(search: Search) -> dict:
     for c in spec.candidates:
         trials = by_norm[c.spec]
         entry = {"norm": c.spec, "groups": list(c.groups)}
+        if 0 in trials:  # seed 0's validation error at each rung: every candidate at the same epoch
+            entry["at_rungs"] = {r: trials[0].intermediate_values[r] for r in spec.rungs()
+                                 if r in trials[0].intermediate_values}
         done = sorted(s for s, t in trials.items() if t.state == states.COMPLETE)
         failed = [t for t in trials.values() if t.state == states.FAIL]
         if failed:
@@ -108,37 +111,60 @@ def to_json(result: dict) -> dict:
 
 
 def text(result: dict) -> str:
-    """The answer as Markdown (printed as it is, and written to search.md)."""
+    """The answer as Markdown (printed as it is, and written to search.md). Every candidate is
+    shown at each rung's epoch (seed 0, the value the pruner compared), then, for those that
+    reached the last epoch, at that epoch: rows are compared at the same epoch only."""
     settings = result["settings"]
     base = settings["base"]
+    rungs = result["rungs"]
     lines = [f"# Which G? Group search on {base['model']}, batch {base['batch_size']}, {base['data']}", "",
              f"Successive halving on a held-out validation split of {base['val_split']} training images "
-             f"(rungs after epoch {', '.join(map(str, result['rungs']))}, keeping the best "
+             f"(rungs after epoch {', '.join(map(str, rungs))}, keeping the best "
              f"1/{settings['reduction_factor']}); finalists and the baselines trained {base['epochs']} "
-             f"epochs with {settings['seeds']} seeds. Errors in %, of the final epoch: mean ± std "
-             f"[95 % confidence interval].", ""]
+             f"epochs with {settings['seeds']} seeds. Validation errors in %; each column is one epoch, "
+             f"so that candidates are compared at the same epoch: seed 0's error at each rung (what the "
+             f"pruner compared), then at the last epoch the mean ± std [95 % confidence interval] over "
+             f"seeds. A difference is the candidate minus the winner, positive where the candidate's "
+             f"error is higher.", ""]
     winner = result.get("winner")
     if winner is None:
         return "\n".join(lines + ["No candidate finished: every finalist diverged."])
-    lines += ["| rank | candidate | groups (16/32/64 ch.) | validation error | minus the winner |",
-              "|---|---|---|---|---|"]
+    finalists = [e for e in result["ranking"] if e["state"] == "finalist"]
+    header = (["rank", "candidate", "groups (16/32/64 ch.)"] + [f"epoch {r}, seed 0" for r in rungs]
+              + [f"epoch {base['epochs']}", "minus the winner", "outcome"])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, e in enumerate(result["ranking"], 1):
-        groups = "/".join(map(str, e["groups"]))
+        at = e.get("at_rungs", {})
+        cells = [str(i) if e["state"] == "finalist" else "-", e["norm"], "/".join(map(str, e["groups"]))]
+        cells += [f"{at[r]:.2f}" if r in at else "-" for r in rungs]
+        vs = ""
         if e["state"] == "finalist":
+            final = format_summary(e["val_error"])
             vs = "winner" if e["norm"] == winner["norm"] else \
-                format_summary(e["minus_winner"]) + (" (tied)" if e["tied"] else "")
-            lines.append(f"| {i} | {e['norm']} | {groups} | {format_summary(e['val_error'])} | {vs} |")
+                format_difference(e["minus_winner"]) + (" (tied)" if e["tied"] else "")
+            outcome = "finalist"
+        elif e["state"] == "not a finalist":
+            final = f"{e['val_errors'][0]:.2f} (seed 0)"
+            outcome = f"not among the best {len(finalists)} at epoch {base['epochs']}"
+        elif e["state"] == "pruned":
+            final, outcome = "-", f"pruned after epoch {e['epochs']}"
         else:
-            lines.append(f"| - | {e['norm']} | {groups} | {e['detail']} | |")
+            final, outcome = "-", e.get("detail", e["state"])
+        lines.append("| " + " | ".join(cells + [final, vs, outcome]) + " |")
     tied = winner["tied_with"]
+    if len(finalists) == 1:
+        verdict = "; the only finalist, so there is nothing to compare it with at the last epoch."
+    elif tied:
+        verdict = (f"; statistically tied with {', '.join(tied)} (the 95 % interval of the difference "
+                   f"includes 0).")
+    else:
+        verdict = "; every other finalist is worse beyond its 95 % interval."
     lines += ["", f"**Winner: {winner['norm']}** ({'/'.join(map(str, winner['groups']))} groups), "
-              f"validation error {format_summary(winner['val_error'])}"
-              + (f"; statistically tied with {', '.join(tied)} (the 95 % interval of the difference "
-                 f"includes 0)." if tied else "; every other finalist is worse beyond its 95 % interval."), ""]
+              f"validation error {format_summary(winner['val_error'])}" + verdict, ""]
     names = {"gn:16": "G = 16", "ln": "LN", "in": "IN"}
     for norm, d in result["margins"].items():
         lines.append(f"- margin over {names.get(norm, norm)} ({norm} minus the winner, Welch): "
-                     f"{format_summary(d)}")
+                     f"{format_difference(d)}")
     lines += [f"- test error of the winner (the test set's only use, once at the end): "
               f"{format_summary(winner['test_error'])}"]
     c = result["compute"]
