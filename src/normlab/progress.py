@@ -65,8 +65,9 @@ class StudyDisplay:
         summary = status.get("summary") or {}
         detail = ""
         if "median_final5_test_error" in summary:
-            detail = (f", test error {summary['median_final5_test_error']:.2f}% (median of the final "
-                      f"{summary.get('final_epochs', 5)} epochs)")
+            k = summary.get("final_epochs", 5)
+            detail = (f", test error {summary['median_final5_test_error']:.2f}% "
+                      f"({'the final epoch' if k == 1 else f'median of the final {k} epochs'})")
         if status.get("error"):
             detail = f": {status['error']}"
         self.bar.write(f"{run_id}: {state}{detail}")
