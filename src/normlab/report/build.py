@@ -30,6 +30,9 @@ def load_published(path, warn: Warn) -> list:
         return []
 
 
+CLAIM_PARTS = {"norms", "batch-size", "groups"}  # the parts of a study that the findings draw on
+
+
 def build_report(root: str | Path, references: str | Path | None = None, warn: Warn = warn_stderr,
                  out: str | Path | None = None) -> Path:
     """Write out/report.md (findings first, then a section per study), out/figures/<study>/*.png,
@@ -114,9 +117,10 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
             chosen = [r for r in model_runs if any(r.id in study.members.get(n, set()) for n in parts)]
             return list(group_points(chosen).values())
 
-        found, cannot = findings.findings(name, points_of("batch-size", "norms"), points_of("groups"), mine)
-        claims += found
-        untested += [f"{name}: {u}" + (f" ({progress})" if progress else "") for u in cannot]
+        if CLAIM_PARTS & set(study.members):  # a study of other parts (the zoo) tests none of the claims
+            found, cannot = findings.findings(name, points_of("batch-size", "norms"), points_of("groups"), mine)
+            claims += found
+            untested += [f"{name}: {u}" + (f" ({progress})" if progress else "") for u in cannot]
         md += [f"### {model}", ""]
         folder = figures / study.folder
         folder.mkdir(exist_ok=True)
@@ -127,7 +131,7 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
                 continue
             title, section = sections.SECTIONS.get(part, (f"Part '{part}'", sections.generic))
             ctx = sections.Context(plt, model, points, folder, mine, link=f"figures/{study.folder}",
-                                   single=single, number=number(model_runs), written=written)
+                                   study=study.name, single=single, number=number(model_runs), written=written)
             md += [f"#### {title}", ""] + section(ctx)
         md += ["#### All runs", "", all_runs_table(model_runs), ""]
     return claims, untested, md

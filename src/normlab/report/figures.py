@@ -266,33 +266,40 @@ def final_panel(sub, points: list[Point], same: Series, key: str, ylabel: str) -
 def groups(plt, points: list[Point], title: str, same: dict[str, Series], other: dict[str, Series], ylabel: str):
     """The GN sweeps: curves along a sweep, final error against G and against channels per group
     (separate axes: they run in opposite directions; both from LN-like on the left to IN-like on
-    the right), published numbers of other settings under them. None before any epoch has
-    finished."""
+    the right), and published numbers of other settings for the sweeps this study runs, in
+    panels of their own. None before any epoch has finished."""
     with_rows = [p for p in points if p.band("test_error")[0]]
     finished = {key: sorted((p for p in points if sweep_value(p.norm, key) and p.summary()),
                             key=lambda p: sweep_value(p.norm, key)) for key, *_ in SWEEPS}
     curve_key = next((key for key, *_ in SWEEPS if any(sweep_value(p.norm, key) for p in with_rows)), None)
     curves = [p for p in with_rows if curve_key and sweep_value(p.norm, curve_key)]
-    keys = [key for key, *_ in SWEEPS if finished[key] or same.get(key) or other.get(key)]
-    if not curves and not any(finished[k] or same.get(k) for k in keys):
+    runs = [key for key, *_ in SWEEPS if any(sweep_value(p.norm, key) for p in points) or same.get(key)]
+    finals = [key for key in runs if finished[key] or same.get(key)]
+    others = [key for key in runs if other.get(key)]
+    if not curves and not finals:
         return None
-    # columns: the curves, then one per sweep; rows: this study, then other settings' numbers
-    columns = ([None] if curves else []) + keys
-    top = [c is None or bool(finished[c] or same.get(c)) for c in columns]
-    bottom = [c is not None and bool(other.get(c)) for c in columns]
-    cells = [top] + ([bottom] if any(bottom) else [])
-    lines = [max([legend_lines(len(curves))] + [1 + len(same.get(k, [])) for k in keys]),
-             max([len(other.get(k, [])) for k in keys] + [0])]
-    fig, subs = panel_grid(plt, title + uncertainty_note(points), cells, lines[:len(cells)])
-    for col, key in enumerate(columns):
-        if key is None:
-            group_curves(subs[0, col], curves, curve_key, plt.get_cmap("viridis"))
-            continue
+    # one row when it fits; else this study's panels above, other settings' under the same axes
+    top = ([("curves", curve_key)] if curves else []) + [("final", key) for key in finals]
+    bottom = [("other", key) for key in others]
+    if len(top) + len(bottom) <= 3:
+        grid = [top + bottom]
+    else:
+        columns = ([None] if curves else []) + [key for key in runs if key in finals or key in others]
+        grid = [[("curves", curve_key) if c is None else ("final", c) if c in finals else None for c in columns],
+                [("other", c) if c in others else None for c in columns]]
+    lines = [max([legend_lines(len(curves)) if kind == "curves" else
+                  1 + len(same.get(key, [])) if kind == "final" else len(other[key])
+                  for kind, key in filter(None, row)]) for row in grid]
+    fig, subs = panel_grid(plt, title + uncertainty_note(points), [[bool(c) for c in row] for row in grid], lines)
+    for (r, c), sub in subs.items():
+        kind, key = grid[r][c]
         xlabel, marker = next((s[1], s[3]) for s in SWEEPS if s[0] == key)
-        if top[col]:
-            final_panel(subs[0, col], finished[key], same.get(key, []), key, ylabel)
-        if bottom[col]:
+        if kind == "curves":
+            group_curves(sub, curves, key, plt.get_cmap("viridis"))
+        elif kind == "final":
+            final_panel(sub, finished[key], same.get(key, []), key, ylabel)
+        else:
             style = {"color": SWEEP_COLOR, "marker": marker}
-            other_panel(subs[1, col], other[key], xlabel, reverse=key == "per_group", style_of=lambda _, s=style: s,
+            other_panel(sub, other[key], xlabel, reverse=key == "per_group", style_of=lambda _, s=style: s,
                         names=False)
     return fig

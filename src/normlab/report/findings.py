@@ -273,7 +273,7 @@ def section(all_findings: list[Finding], untested: list[str]) -> list[str]:
     if all_findings:
         said_once = all(f.why == NO_INTERVAL for f in all_findings)  # the one-seed notice, at the top
         md += [table(["claim", "published (setting)", "model", "this study", "verdict"],
-                     [[f.claim, f.published, f.model, f.numbers,
+                     [[f.claim, f.published, f.model, f.numbers.replace(" (1 seed)", "") if said_once else f.numbers,
                        f"**{f.verdict}**" + (f" ({f.why})" if f.why and not said_once else "")]
                       for f in all_findings]), ""]
     else:

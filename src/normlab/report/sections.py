@@ -25,9 +25,15 @@ class Context:
     figures: Path                # the study's folder of figures
     published: list[Published]   # the published numbers to set beside this model's
     link: str = "figures"        # that folder as report.md links to it
+    study: str = ""              # the study's name, in every figure's title
     single: bool = False         # one seed per point throughout the report (said once, at the top)
     number: str = NUMBER         # what a table's number is: 'median of the final 3 epochs'
     written: set = field(default_factory=set)   # the figures written, so that stale ones go
+
+    @property
+    def name(self) -> str:
+        """'quick, resnet8': what a figure's title starts with."""
+        return f"{self.study}, {self.model}" if self.study else self.model
 
     def figure(self, fig, name: str, alt: str) -> list[str]:
         """Save a figure and link it; a line saying why there is none yet (mid-study)."""
@@ -56,7 +62,7 @@ def norms(ctx: Context) -> list[str]:
         same = [r for r in ctx.published if r.batch_size == size and r.norm in {p.norm for p in at}
                 and r.same_setting(ctx.model, at[0].cfg.data, vg)]
         devices = f"{vg} devices x {size}" if vg > 1 else f"{size}"
-        md += ctx.figure(figures.norm_curves(ctx.plt, at, f"{ctx.model}, batch {devices} per device", same),
+        md += ctx.figure(figures.norm_curves(ctx.plt, at, f"{ctx.name}, batch {devices} per device", same),
                          fig, "train and test error per norm")
         rows = [[label(p.norm), cell(p, ctx.single), final_train(p)] + cells for p, cells in zip(at, extra)]
         md += [table(["norm", f"test error (%), {ctx.number}", "train error (%), final epoch"] + headers, rows), ""]
@@ -72,10 +78,10 @@ def final_train(p: Point) -> str:
 def batch_size(ctx: Context) -> list[str]:
     points, model = ctx.points, ctx.model
     same, other = same_and_other(ctx, pub.batch_series(ctx.published))
-    md = ctx.figure(figures.batch_sizes(ctx.plt, points, f"{model}: error against batch size", same, other,
+    md = ctx.figure(figures.batch_sizes(ctx.plt, points, f"{ctx.name}: error against batch size", same, other,
                                         f"test error (%), {ctx.number}"),
                     f"batch_size_{model}.png", "error against batch size")
-    md += ctx.figure(figures.batch_curves(ctx.plt, points, f"{model}: test error per epoch, by batch size"),
+    md += ctx.figure(figures.batch_curves(ctx.plt, points, f"{ctx.name}: test error per epoch, by batch size"),
                      f"batch_curves_{model}.png", "test error curves per batch size")
     sizes = sorted({p.cfg.batch_size for p in points}, reverse=True)
     norms_here = sorted({p.norm for p in points}, key=sort_key)
@@ -123,7 +129,7 @@ def groups(ctx: Context) -> list[str]:
     same, other = {}, {}
     for key in ("groups", "per_group"):
         same[key], other[key] = same_and_other(ctx, pub.sweep_series(ctx.published, key, batch))
-    md = ctx.figure(figures.groups(ctx.plt, points, f"{ctx.model}: GN group count, batch {batch}", same, other,
+    md = ctx.figure(figures.groups(ctx.plt, points, f"{ctx.name}: GN group count, batch {batch}", same, other,
                                    f"test error (%), {ctx.number}"),
                     f"groups_{ctx.model}.png", "GN group sweep")
     ordered = [(key, what, p) for key, what in (("groups", "G"), ("per_group", "channels per group"))
@@ -144,7 +150,7 @@ def zoo(ctx: Context) -> list[str]:
     per batch size and how the others compare with it (Welch intervals)."""
     points, model = ctx.points, ctx.model
     same, other = same_and_other(ctx, pub.batch_series(ctx.published))
-    md = ctx.figure(figures.batch_sizes(ctx.plt, points, f"{model}: every normalization against batch size",
+    md = ctx.figure(figures.batch_sizes(ctx.plt, points, f"{ctx.name}: every normalization against batch size",
                                         same, other, f"test error (%), {ctx.number}"),
                     f"zoo_{model}.png", "every normalization against batch size")
     sizes = sorted({p.cfg.batch_size for p in points}, reverse=True)
