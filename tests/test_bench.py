@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab.bench import PerSampleCifar, bench_config, reference_model, training_flops_per_image
+from normlab.bench import PerSampleCifar, bench_config, ratios, reference_model, training_flops_per_image
 from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
 from normlab.data import Normalizer, augment
@@ -87,16 +87,34 @@ def test_normalization_is_the_same():
 
 def test_bench_one_config_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
+    # fp32 only: bf16 autocast on a CPU without native bf16 is emulated, minutes per step on a busy one
     code = main(["bench", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "8", "--steps", "2",
-                 "--repeats", "1", "--warmup", "1", "--json", str(out)])
+                 "--repeats", "1", "--warmup", "1", "--no-amp", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["normlab_images_per_s"] > 0 and result["reference_images_per_s"] > 0
     assert result["train_flops_per_image"] > 0 and 0 < result["fraction_of_peak"]
-    assert "speed-up" in capsys.readouterr().out
+    assert result["ratios"] == {"normlab fp32/reference": pytest.approx(result["speedup"])}
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "measured side by side: normlab fp32/reference " in out
+    for option in ("--force", "--checkpoint-every", "--data-dir"):  # the training commands' options
+        with pytest.raises(SystemExit):
+            main(["bench", option, "1"])
+        assert f"unrecognized arguments: {option}" in capsys.readouterr().err
 
 
-def test_bench_virtual_gpus():
+def test_the_ratios_are_those_measured_side_by_side():
+    both = {"precisions": {"fp32": {"images_per_s": 100.0}, "bf16": {"images_per_s": 150.0}},
+            "reference_images_per_s": 50.0}
+    assert ratios(both) == {"bf16/fp32": 1.5, "normlab fp32/reference": 2.0, "normlab bf16/reference": 3.0}
+    assert ratios({"precisions": {"bf16": {"images_per_s": 150.0}}}) == {}  # nothing side by side
+
+
+def test_bench_virtual_gpus_and_its_progress():
+    heard = []
     r = bench_config(RunConfig(model="resnet8", norm="bn", batch_size=2, virtual_gpus=4), RuntimeOptions(),
-                     steps=2, warmup=1, repeats=1, reference=True, reference_workers=0)
+                     steps=2, warmup=1, repeats=2, reference=True, reference_workers=0, progress=heard.append)
     assert r["images_per_step"] == 8 and r["reference_batch_size"] == 2
+    assert heard == ["repeat 1/2: normlab fp32", "repeat 1/2: reference fp32",
+                     "repeat 2/2: normlab fp32", "repeat 2/2: reference fp32"]
+    assert set(r["ratios"]) == {"normlab fp32/reference"}  # one precision: no bf16/fp32

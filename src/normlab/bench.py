@@ -114,10 +114,13 @@ def time_steps(step, steps: int, warmup: int, device) -> float:
 
 def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, repeats: int,
                  reference: bool, reference_workers: int,
-                 precisions: tuple[str, ...] = ("fp32",)) -> dict:
+                 precisions: tuple[str, ...] = ("fp32",), progress=None) -> dict:
     """Time normlab's step in each of `precisions` ('fp32', 'bf16' autocast) and the reference
     (fp32, as the usual scripts train), alternating. normlab_images_per_s is the precision the
-    run would choose by default (opts.amp, or auto), or the first one timed if that was not."""
+    run would choose by default (opts.amp, or auto), or the first one timed if that was not.
+    `progress(text)`, if given, hears of each timing as it starts; the result's "ratios" are
+    those measured (ratios())."""
+    say = progress or (lambda text: None)
     device = resolve_device(opts.device)
     run = Trainer([cfg], ["unused"], dataclasses.replace(opts, progress=False))
     run.model.train()
@@ -160,11 +163,13 @@ def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, 
             optimizer.step()
 
     rates, ref_rates = {p: [] for p in precisions}, []
-    for _ in range(repeats):  # alternate, so that drift in machine speed hits all alike
+    for repeat in range(repeats):  # alternate, so that drift in machine speed hits all alike
         for precision in precisions:
+            say(f"repeat {repeat + 1}/{repeats}: normlab {precision}")
             run.autocast = autocasts[precision]
             rates[precision].append(steps * per_step / time_steps(normlab_step, steps, warmup, device))
         if ref_step:
+            say(f"repeat {repeat + 1}/{repeats}: reference fp32")
             ref_steps = max(1, steps * per_step // cfg.batch_size)
             ref_rates.append(ref_steps * cfg.batch_size / time_steps(ref_step, ref_steps, warmup, device))
     chosen = default if default in precisions else precisions[0]
@@ -185,11 +190,24 @@ def bench_config(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, 
         result["speedup"] = result["normlab_images_per_s"] / result["reference_images_per_s"]
         for entry in result["precisions"].values():
             entry["speedup"] = entry["images_per_s"] / result["reference_images_per_s"]
+    result["ratios"] = ratios(result)
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def ratios(result: dict) -> dict[str, float]:
+    """The ratios of throughput measured side by side: 'bf16/fp32' where both precisions ran,
+    and 'normlab fp32/reference', 'normlab bf16/reference' where the reference ran."""
+    rates = {p: entry["images_per_s"] for p, entry in result["precisions"].items()}
+    out = {}
+    if "fp32" in rates and "bf16" in rates:
+        out["bf16/fp32"] = rates["bf16"] / rates["fp32"]
+    if "reference_images_per_s" in result:
+        out.update({f"normlab {p}/reference": r / result["reference_images_per_s"] for p, r in rates.items()})
+    return out
 
 
 def bench_norm_layers(device: torch.device, batch: int = 32, groups: int = 16, repeats: int = 50) -> list[dict]:

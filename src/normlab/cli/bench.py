@@ -1,6 +1,7 @@
 """normlab bench: training throughput against the usual pipeline and the machine's peak."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..config import RunConfig
@@ -30,13 +31,16 @@ def cmd_bench(args) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = resolve_device(opts.device)
+    progress = Progress(enabled=not args.quiet)
     if args.fuse:
         return bench_arrays(args, opts, device)
     configs = [RunConfig(model=m, norm=n, batch_size=b, virtual_gpus=args.virtual_gpus, data="sample").normalized().validate()
                for m, n, b in itertools.product(args.model, args.norm, args.batch_size)]
     # --amp / --no-amp time that precision only; by default both, each against its own peak
     precisions = ("bf16",) if opts.amp else ("fp32",) if opts.amp is False else ("fp32", "bf16")
+    progress("measuring the matmul peak")
     peaks = {p: peak_matmul_flops(device, dtype=PRECISIONS[p]) for p in precisions}
+    progress.done()
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; measured matmul "
           f"peak " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in precisions))
     print(describe_precision(*choose_amp(device, opts.amp)))
@@ -44,12 +48,14 @@ def cmd_bench(args) -> int:
               f"{'reference img/s':>16} {'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
     print(header)
     results, flops = [], {}
-    for cfg in configs:
+    for i, cfg in enumerate(configs, 1):
         key = (cfg.model, cfg.norm)
+        name = f"[{i}/{len(configs)}] {cfg.model} {cfg.norm} batch {cfg.batch_size}"
         if key not in flops:
+            progress(f"{name}: counting its FLOPs")
             flops[key] = training_flops_per_image(cfg.model, cfg.norm)
         r = bench_config(cfg, opts, args.steps, args.warmup, args.repeats, not args.no_reference,
-                         args.reference_workers, precisions)
+                         args.reference_workers, precisions, progress=lambda text: progress(f"{name}: {text}"))
         r["train_flops_per_image"] = flops[key]
         for p, entry in r["precisions"].items():
             entry["achieved_flops"] = entry["images_per_s"] * flops[key]
@@ -57,6 +63,7 @@ def cmd_bench(args) -> int:
         r["achieved_flops"] = r["precisions"][r["precision"]]["achieved_flops"]
         r["fraction_of_peak"] = r["precisions"][r["precision"]]["fraction_of_peak"]
         results.append(r)
+        progress.done()
         batch = f"{cfg.batch_size}x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else str(cfg.batch_size)
         ref = f"{r['reference_images_per_s']:16.1f}" if "reference_images_per_s" in r else f"{'-':>16}"
         for p, entry in r["precisions"].items():
@@ -64,16 +71,22 @@ def cmd_bench(args) -> int:
             print(f"{cfg.model:<10} {cfg.norm:<14} {batch:>7} {p:>9} {entry['images_per_s']:14.1f} {ref} "
                   f"{speedup} {entry['achieved_flops'] / 1e9:8.1f} {100 * entry['fraction_of_peak']:6.1f}%",
                   flush=True)
+        if r["ratios"]:
+            print(f"{'':<10} measured side by side: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()),
+                  flush=True)
     report = {"command": "normlab " + " ".join(args.argv), "peak_matmul_flops": peaks.get("fp32"),
               "peak_matmul_flops_by_precision": peaks, "torch": torch.__version__, "results": results}
     if len(results) == 1:
         report.update({k: v for k, v in results[0].items()})
     if args.norm_layers:
+        progress("timing the norm layers alone")
         report["norm_layers"] = bench_norm_layers(device)
+        progress("timing the norm + activation layers")
+        report["zoo_layers"] = bench_zoo_layers(device)
+        progress.done()
         print("\nnorm layers, forward + backward (microseconds per call), batch 32, G = 16:")
         for row in report["norm_layers"]:
             print(f"  {str(tuple(row['shape'])):<18} {row['format']:<14} {row['impl']:<28} {row['microseconds']:9.1f}")
-        report["zoo_layers"] = bench_zoo_layers(device)
         print("\nnorm + activation layers and the WS conv, forward + backward, each in its default format:")
         for row in report["zoo_layers"]:
             print(f"  {str(tuple(row['shape'])):<18} {row['format']:<14} {row['layer']:<16} "
@@ -145,5 +158,27 @@ def add_parser(sub) -> None:
                    "trained as one fused array against the same R runs one after another, e.g. --fuse "
                    "2 4 8; reports fused_images_per_s and separate_images_per_s over all R runs")
     p.add_argument("--json", help="write the results to this JSON file")
-    add_runtime_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress line (there is none when stderr "
+                   "is not a terminal)")
+    add_runtime_options(p, training=False)
     p.set_defaults(func=cmd_bench)
+
+
+class Progress:
+    """What bench is timing now, on one line of stderr that each step overwrites (a terminal
+    only: the results on stdout stay clean for pipes and files)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.width = 0
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            line = f"bench: {text}"
+            print("\r" + line.ljust(self.width), end="", file=sys.stderr, flush=True)
+            self.width = len(line)
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            print("\r" + " " * self.width + "\r", end="", file=sys.stderr, flush=True)
+            self.width = 0

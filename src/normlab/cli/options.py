@@ -81,10 +81,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "%(default).4f = 25k of 130k)")
 
 
-def add_runtime_options(p: argparse.ArgumentParser) -> None:
+def add_runtime_options(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """How to run; training=False (bench) leaves out what only runs with a run directory and a
+    data set use: --data-dir, --checkpoint-every, --force."""
     g = p.add_argument_group("how to run")
-    g.add_argument("--data-dir", help="directory holding cifar-10-batches-py/ or cifar-100-python/ "
-                   "(default: $NORMLAB_DATA or ~/.cache/normlab/data; downloaded when empty)")
+    if training:
+        g.add_argument("--data-dir", help="directory holding cifar-10-batches-py/ or cifar-100-python/, "
+                       "for --data cifar10 or cifar100 (default: $NORMLAB_DATA or ~/.cache/normlab/data; "
+                       "downloaded when empty)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: %(default)s)")
     g.add_argument("--threads", type=int, help="CPU threads per run (default: torch's choice)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -93,14 +97,16 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: auto, on for CUDA and for CPUs with native bf16 "
                         "(AMX, AVX512-BF16, Arm BF16), where it trains about twice as fast; fp32 on "
-                        "other CPUs, where bf16 is slower; the choice is recorded in config.json)")
+                        "other CPUs, where bf16 is slower" + ("; the choice is recorded in config.json)"
+                                                               if training else ")"))
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--checkpoint-every", type=float, metavar="MIN", dest="checkpoint_minutes",
-                   help="also checkpoint within an epoch every MIN minutes (default: at the end "
-                        "of every epoch only)")
-    g.add_argument("--force", action="store_true",
-                   help="start afresh a run whose directory holds a different config (the old "
-                        "directory is renamed, never deleted)")
+    if training:
+        g.add_argument("--checkpoint-every", type=float, metavar="MIN", dest="checkpoint_minutes",
+                       help="also checkpoint within an epoch every MIN minutes (default: at the end "
+                            "of every epoch only)")
+        g.add_argument("--force", action="store_true",
+                       help="start afresh a run whose directory holds a different config (the old "
+                            "directory is renamed, never deleted)")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -146,9 +152,10 @@ def run_config(args, processes: int = 1) -> RunConfig:
 def runtime_options(args) -> RuntimeOptions:
     if args.threads is not None and args.threads < 1:
         raise NormlabError(f"--threads must be positive, got {args.threads}")
-    if args.checkpoint_minutes is not None and args.checkpoint_minutes <= 0:
-        raise NormlabError(f"--checkpoint-every must be a positive number of minutes, got {args.checkpoint_minutes}")
-    return RuntimeOptions(device=args.device, threads=args.threads, data_dir=args.data_dir,
+    minutes = getattr(args, "checkpoint_minutes", None)
+    if minutes is not None and minutes <= 0:
+        raise NormlabError(f"--checkpoint-every must be a positive number of minutes, got {minutes}")
+    return RuntimeOptions(device=args.device, threads=args.threads, data_dir=getattr(args, "data_dir", None),
                           channels_last=args.channels_last, amp=args.amp, compile=args.compile,
-                          checkpoint_minutes=args.checkpoint_minutes,
+                          checkpoint_minutes=minutes,
                           progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
