@@ -161,6 +161,12 @@ CASES: list[Case | Elsewhere] = [
          "labels outside 0..9", damaged_batch({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3, 10]}), area="data"),
     Case("data-label-count", "fewer labels than images", TRAIN + ["--data", "cifar10", "--data-dir", "{data}"],
          "4 labels for 5 images", damaged_batch({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0] * 4}), area="data"),
+    Case("data-dir-sample", "--data-dir for a run on the bundled sample (it would be ignored)",
+         TRAIN + ["--data-dir", "{data}"], "add --data cifar10 (or cifar100), or leave out --data-dir", area="data"),
+    Case("data-dir-sample-study", "--data-dir for a study on the bundled sample",
+         REPRODUCE + ["--data-dir", "{data}"], "add --set data=cifar10 (or cifar100), or leave out --data-dir", area="data"),
+    Case("data-dir-sample-search", "--data-dir for a search on the bundled sample",
+         SEARCH + ["--data-dir", "{data}"], "these runs train on the bundled sample", area="data"),
     Elsewhere("data-checksum", "a downloaded archive whose MD5 is wrong", "checksum mismatch for the downloaded",
            "tests/test_faults.py::test_checksum_mismatch_on_download", area="data"),
     # -- studies and presets -------------------------------------------------------------------
@@ -222,6 +228,8 @@ CASES: list[Case | Elsewhere] = [
            "rank 1 has training images 25 but rank 0 has 20", "tests/test_distributed.py::test_bad_input_on_two_ranks", area="torchrun"),
     # -- bench and search ------------------------------------------------------------------------
     Case("bench-steps-zero", "0 timed steps", ["bench", "--steps", "0"], "--steps must be a positive", area="bench"),
+    Case("bench-force", "bench with an option of the training commands (--force, --checkpoint-every, --data-dir)",
+         ["bench", "--force"], "unrecognized arguments: --force", area="bench"),
     Case("bench-warmup-negative", "negative warm-up steps", ["bench", "--warmup", "-1"], "--warmup must be 0 or more", area="bench"),
     Case("search-one-candidate", "a search with fewer than two candidates", SEARCH + ["--candidates", "ln,gn:1"],
          "needs at least two", area="search"),

@@ -25,6 +25,35 @@ def test_train_end_to_end_and_help(capsys, cifar_fixture, tmp_path):
     assert code == 0 and "--virtual-gpus" in stdout and "default" in stdout
 
 
+def test_train_says_when_it_resumes(capsys, cifar_fixture, tmp_path):
+    from normlab.config import RunConfig, RuntimeOptions
+    from normlab.train import STOP, Interrupted, train
+
+    cfg = RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=2, data="cifar10")
+    out = tmp_path / "runs"
+
+    def stop_after_the_first_epoch(run, member, row):
+        STOP.set()
+    try:
+        with pytest.raises(Interrupted):
+            train(cfg, out / cfg.run_id(), RuntimeOptions(data_dir=str(cifar_fixture), progress=False),
+                  on_epoch=stop_after_the_first_epoch)
+    finally:
+        STOP.clear()
+    args = ["train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "20", "--epochs", "2",
+            "--data", "cifar10", "--data-dir", str(cifar_fixture), "--out", str(out), "--quiet"]
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0 and f"{out / cfg.run_id()}: resuming from epoch 2 of 2 (1 finished)" in stdout
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0 and "already done: nothing to train" in stdout and "resuming" not in stdout
+
+
+def test_each_preset_has_its_own_default_out(capsys):
+    for preset in ("quick", "zoo-quick"):
+        code, stdout, _ = run_cli(capsys, "reproduce", "--preset", preset, "--dry-run")
+        assert code == 0 and f"runs into results/{preset}/" in stdout.splitlines()[0]
+
+
 def test_module_entry_point_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "normlab", "train", "--norm", "gn:7", "--out", str(tmp_path)],
                             capture_output=True, text=True)

@@ -109,6 +109,16 @@ def add_runtime_options(p: argparse.ArgumentParser, training: bool = True) -> No
                             "directory is renamed, never deleted)")
 
 
+def check_data_dir(data_dir: str | None, datasets, fix: str) -> None:
+    """Refuse --data-dir where no run reads a data set from a directory (the bundled sample is
+    in the package): the user meant another data set, and would silently train on the sample."""
+    from ..data import SOURCES
+
+    if data_dir is not None and not any(d in SOURCES for d in datasets):
+        raise NormlabError(f"--data-dir {data_dir} is read only for the CIFAR data sets, and these runs "
+                           f"train on the bundled sample; {fix}, or leave out --data-dir")
+
+
 def add_backend_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to run (see README, Scaling out)")
     g.add_argument("--backend", default="local", choices=["local", "ray", "slurm"],

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..errors import NormlabError
 from ..precision import describe as describe_precision
-from .options import add_backend_options, add_runtime_options, runtime_options
+from ..records import safe_name
+from .options import add_backend_options, add_runtime_options, check_data_dir, runtime_options
 
 
 def cmd_reproduce(args) -> int:
@@ -25,7 +26,8 @@ def cmd_reproduce(args) -> int:
         raise NormlabError(f"--batch-sizes must be positive whole numbers, got {args.batch_sizes}")
     study = expand(args.preset, seeds=args.seeds, overrides=parse_overrides(args.set),
                    only=args.only, batch_sizes=args.batch_sizes)
-    out = Path(args.out)
+    check_data_dir(args.data_dir, {c.data for c in study.runs.values()}, "add --set data=cifar10 (or cifar100)")
+    out = Path(args.out) if args.out else Path("results") / safe_name(study.name)
     if args.dry_run:
         total_train = total_eval = 0
         print(f"{study.name}: {len(study.runs)} runs into {out}/")
@@ -111,7 +113,8 @@ def add_parser(sub) -> None:
                    "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), zoo (every norm GN is compared "
                    "with, ResNet-56 on CIFAR-10, for GPUs), zoo-quick (the same on the bundled sample, "
                    "under 10 min on a 2-core CPU), or a .yaml file of the same form (default: %(default)s)")
-    p.add_argument("--out", default="results", help="results directory (default: %(default)s)")
+    p.add_argument("--out", help="results directory; several studies may share one, each keeps its own "
+                   "record and report section (default: results/<preset name>, e.g. results/quick)")
     p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies: norms, "
                    "batch-size, groups (of quick and paper), zoo (of zoo and zoo-quick)")
     p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")

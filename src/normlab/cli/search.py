@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import NormlabError
 from ..data import DATA_CHOICES
-from .options import DEFAULTS, add_runtime_options, runtime_options
+from .options import DEFAULTS, add_runtime_options, check_data_dir, runtime_options
 
 
 def cmd_search_groups(args) -> int:
@@ -31,6 +31,7 @@ def cmd_search_groups(args) -> int:
                      val_split=args.val_split, overrides=overrides, model=pick("model", DEFAULTS.model),
                      batch_size=pick("batch_size", DEFAULTS.batch_size), data=args.data,
                      epochs=pick("epochs", DEFAULTS.epochs))
+    check_data_dir(args.data_dir, [spec.base.data], "add --data cifar10 (or cifar100)")
     opts = runtime_options(args)
     print(describe(spec, probe(spec, opts)), flush=True)
     if args.dry_run:

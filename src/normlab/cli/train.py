@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import NormlabError
 from ..precision import describe as describe_precision
-from .options import add_run_options, add_runtime_options, run_config, runtime_options
+from .options import add_run_options, add_runtime_options, check_data_dir, run_config, runtime_options
 
 
 def cmd_train(args) -> int:
@@ -37,6 +37,7 @@ def train_run(args, group) -> int:
         cfgs = [dataclasses.replace(cfg, seed=s) for s in args.seeds] if args.seeds else [cfg]
         for c in cfgs:
             c.validate()
+        check_data_dir(args.data_dir, [cfg.data], "add --data cifar10 (or cifar100)")
         opts = runtime_options(args)
         if group.device is not None:
             opts.device = str(group.device)
@@ -47,6 +48,10 @@ def train_run(args, group) -> int:
         print(describe_precision(run.amp, run.amp_reason))
         if len(cfgs) > 1:
             print(f"training seeds {', '.join(str(c.seed) for c in cfgs)} as one array of {len(cfgs)} runs")
+        for member in run.members:
+            said = resumed(member, run.steps, cfg.epochs)
+            if said:
+                print(f"{member.dir}: {said}", flush=True)
     name = cfgs[0].run_id() if len(cfgs) == 1 else f"{len(cfgs)} runs"
     bar = tqdm(total=cfg.epochs * run.steps, unit="step", disable=not opts.progress, desc=name,
                dynamic_ncols=True)
@@ -76,9 +81,11 @@ def train_run(args, group) -> int:
                   f"--warmup-epochs, with --force to start it afresh", file=sys.stderr)
             code = 2
         elif group.writer:
-            print(f"{where}: {status['state']}; median test error of the final 5 epochs "
-                  f"{summary.get('median_final5_test_error', float('nan')):.2f}%")
+            k = summary.get("final_epochs", 5)
+            print(f"{where}: {status['state']}; test error {summary.get('median_final5_test_error', float('nan')):.2f}% "
+                  f"({'the final epoch' if k == 1 else f'median of the final {k} epochs'})")
     return code
+
 
 def seed_list(text: str) -> list[int]:
     """--seeds 0,1,2: distinct whole numbers."""
@@ -91,6 +98,22 @@ def seed_list(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds separated by commas, e.g. 0,1,2, got '{text}'")
     return seeds
+
+
+def resumed(member, steps: int, epochs: int) -> str | None:
+    """'resuming from epoch 4 of 7 (3 finished)', 'already done: nothing to train', or None for
+    a new run, from what the trainer read when it opened the run's directory."""
+    from .. import rundir
+    from ..train.state import position
+
+    status = member.status() or {}
+    if member.resume_state is None:
+        return None
+    if status.get("state") in rundir.FINISHED:
+        return f"already {status['state']}: nothing to train"
+    epoch, step = position(member.resume_state)
+    return (f"resuming from epoch {epoch + 1} of {epochs} ({epoch} finished"
+            + (f", {step} of its {steps} steps done)" if step else ")"))
 
 
 def add_parser(sub) -> None:
