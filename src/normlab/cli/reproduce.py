@@ -112,7 +112,7 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="quick", help="quick (the bundled sample, about 8 min on a 2-core "
                    "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), zoo (every norm GN is compared "
                    "with, ResNet-56 on CIFAR-10, for GPUs), zoo-quick (the same on the bundled sample, "
-                   "under 10 min on a 2-core CPU), or a .yaml file of the same form (default: %(default)s)")
+                   "about 3 min on a 2-core CPU), or a .yaml file of the same form (default: %(default)s)")
     p.add_argument("--out", help="results directory; several studies may share one, each keeps its own "
                    "record and report section (default: results/<preset name>, e.g. results/quick)")
     p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies: norms, "
