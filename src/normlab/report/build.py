@@ -120,7 +120,9 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
         if CLAIM_PARTS & set(study.members):  # a study of other parts (the zoo) tests none of the claims
             found, cannot = findings.findings(name, points_of("batch-size", "norms"), points_of("groups"), mine)
             claims += found
-            untested += [f"{name}: {u}" + (f" ({progress})" if progress else "") for u in cannot]
+            untested += [f"{name}: {u}" for u in cannot]
+            if cannot and progress:  # said once per study, after its claims
+                untested.append(f"{name}: the study is {progress}; more claims may be tested when it completes")
         md += [f"### {model}", ""]
         folder = figures / study.folder
         folder.mkdir(exist_ok=True)
