@@ -126,11 +126,14 @@ def test_a_report_written_mid_study_says_how_far_it_is(tmp_path):
     later = [RunConfig(model="resnet8", norm=n, batch_size=2, epochs=6, data="sample").run_id() for n in ("bn", "gn:16")]
     records.write_record(root, "quick", "", {"batch-size": [done, running, *later]},
                          {i: {} for i in (done, running, *later)})
+    records.write_record(root, "later", "", {"norms": later}, {i: {} for i in later})
     text = build_report(root).read_text()
+    assert "## Study: later\n\n**Under way: 0 of 2 runs finished (2 not started)**" in text
+    assert "No run of this study has started yet." in text
     assert "**Under way: 1 of 4 runs finished (1 running, 2 not started)**" in text
     untested = text.split("Not tested by these runs:")[1].split("##")[0]
     assert "BN degrades" in untested and untested.count("under way") == 1
-    assert "resnet8: the study is under way: 1 of 4 runs finished (1 running, 2 not started); more claims" in untested
+    assert "resnet8, quick: the study is under way: 1 of 4 runs finished (1 running, 2 not started); more" in untested
     assert "| GN G=16 | 1 running |" in text
 
 

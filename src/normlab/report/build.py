@@ -8,9 +8,9 @@ from pathlib import Path
 from .. import references as refs_module
 from .. import rundir
 from ..errors import NormlabError
+from ..records import read_records
 from . import findings, sections, tidy
 from .figures import pyplot
-from ..records import read_records
 from .runs import Warn, group_points, load_runs, warn_stderr
 from .studies import Study, studies_of
 from .tables import SIGNS, all_runs_table, number, seeds_notice, setup_lines
@@ -45,7 +45,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     out = Path(out) if out is not None else root
     if not root.is_dir():
         raise NormlabError(f"{root} is not a directory; pass the --out directory of a study or run")
-    studies_here = read_records(root)  # a damaged record is refused before anything is written
+    records = read_records(root)  # a damaged record is refused before anything is written
     found = rundir.list_runs(root)
     runs = load_runs(root, warn)
     if not runs:
@@ -64,7 +64,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
                            f"write it elsewhere (the run directories are only read)") from None
     for directory in (out, figures, *(p for p in figures.iterdir() if p.is_dir())):
         rundir.remove_stale_temps(directory)  # left by a report killed while writing
-    studies = studies_of(root, runs)
+    studies = studies_of(root, runs, records)
     single = all(len(p.finals) < 2 for p in group_points(runs).values())
     found_claims, untested, body, written = [], [], [], set()
     for study in studies:
@@ -73,7 +73,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
         untested += cannot
         body += lines
 
-    only = studies[0] if len(studies) == 1 and studies_here else None
+    only = studies[0] if len(studies) == 1 and records else None
     md = [f"# normlab report: {only.name if only else root.resolve().name}", ""]
     if only and only.description:
         md += [only.description, ""]
@@ -106,6 +106,8 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
     if progress:
         md += [f"**{progress[0].upper() + progress[1:]}**: the numbers below are those of the finished "
                f"runs; figures show the epochs done so far.", ""]
+    if not study.runs:
+        return [], [], md + ["No run of this study has started yet.", ""]
     md += ["Setup:", ""] + setup_lines(study.runs) + [""]
     claims, untested = [], []
     for model in sorted({r.cfg.model for r in study.runs}, key=model_order):

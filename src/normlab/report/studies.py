@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import rundir
-from ..records import read_records, safe_name
+from ..records import Record, read_records, safe_name
 from .runs import Run, infer_membership
 
 OUTSIDE = "runs outside any study"
@@ -44,12 +44,13 @@ class Study:
         return f"under way: {done} of {total} runs finished ({', '.join(parts)})"
 
 
-def studies_of(root: Path, runs: list[Run]) -> list[Study]:
-    """The studies of the runs under root: one per record, in name order, then the runs that no
-    record names (with the directory's name when there is no record at all)."""
+def studies_of(root: Path, runs: list[Run], records: list[Record] | None = None) -> list[Study]:
+    """The studies of the runs under root: one per record (read_records(root) unless given), in
+    name order, then the runs that no record names (with the directory's name when there is no
+    record at all)."""
     by_id = {r.id: r for r in runs}
     out = []
-    for record in sorted(read_records(root), key=lambda r: r.name):
+    for record in sorted(read_records(root) if records is None else records, key=lambda r: r.name):
         ids = record.run_ids
         members = {name: set(ids_) for name, ids_ in record.studies.items()}
         out.append(Study(record.name, record.description, members,
