@@ -79,7 +79,7 @@ def wait_until(proc: subprocess.Popen, done, limit: float = 600.0, every: float 
 
 def writing_report(out: Path) -> bool:
     """A file of the report (report.md, the CSVs, a figure) is being written."""
-    return any(written_file(t) != "study.json" for t in [*out.glob("*.tmp"), *out.glob("figures/*.tmp")])
+    return any(out.glob("*.tmp")) or any(out.glob("figures/*/*.tmp"))  # figures/<study>/*.png
 
 
 def written_file(tmp: Path) -> str:
