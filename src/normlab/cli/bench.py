@@ -36,8 +36,10 @@ def cmd_bench(args) -> int:
         return bench_arrays(args, opts, device)
     configs = [RunConfig(model=m, norm=n, batch_size=b, virtual_gpus=args.virtual_gpus, data="sample").normalized().validate()
                for m, n, b in itertools.product(args.model, args.norm, args.batch_size)]
-    # --amp / --no-amp time that precision only; by default both, each against its own peak
-    precisions = ("bf16",) if opts.amp else ("fp32",) if opts.amp is False else ("fp32", "bf16")
+    # --amp / --no-amp time that precision only; by default both, each against its own peak,
+    # where the device computes bf16 natively (elsewhere bf16 is emulated, very slow, never chosen)
+    native = choose_amp(device, None)[0]
+    precisions = ("bf16",) if opts.amp else ("fp32",) if opts.amp is False or not native else ("fp32", "bf16")
     progress("measuring the matmul peak")
     peaks = {p: peak_matmul_flops(device, dtype=PRECISIONS[p]) for p in precisions}
     progress.done()

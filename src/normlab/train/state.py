@@ -99,7 +99,7 @@ class Member:
 
     def write_status(self, state: str, epoch: int, **extra) -> dict:
         status = {"state": state, "run_id": self.run_id, "epoch": epoch,
-                  "epochs": self.cfg.epochs, "summary": rundir.summarize(self.rows),
+                  "epochs": self.cfg.epochs, "summary": rundir.summarize(self.rows, self.cfg.epochs),
                   "updated": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
         if self.writer:
             rundir.write_json(self.dir / rundir.STATUS, status)
