@@ -1,0 +1,257 @@
+"""--log tensorboard | mlflow | wandb: what each tool holds, read back with its own reader
+(TensorBoard's event reader, MLflow's client on the local store, W&B's offline run files read
+by `wandb leet`), compared with metrics.csv, across a kill -9 and a resume; and loggers that
+fail without stopping training. W&B never goes on the network here (offline mode)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from normlab import loggers, rundir
+from normlab.config import RunConfig
+
+EPOCHS, STEPS, EVERY = 4, 10, 3  # the simulated run
+
+
+def needs(tool: str) -> None:
+    if importlib.util.find_spec(tool) is None:  # CI installs the three extras
+        pytest.skip(f"{tool} is not installed (pip install 'normlab[{tool}]')")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """W&B offline, flushing its run file every half second (W&B's default is 15 s), with no
+    login or settings of the user's; MLflow's store is always the local one."""
+    for name in list(os.environ):
+        if name.startswith(("WANDB_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", "0.5")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+# -- the tools' readers -------------------------------------------------------------------------
+def tensorboard_scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    events.Reload()  # applies the purge steps, as TensorBoard does
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def mlflow_runs(out: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out.absolute() / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(experiments)
+
+
+def mlflow_points(client, run, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
+def wandb_records(out: Path, run_name: str) -> list[dict]:
+    """Every record of the run's offline files, in the order `wandb sync` uploads them."""
+    records = []
+    for path in sorted((out / "wandb").glob("offline-run-*/*.wandb")):
+        listing = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                                 capture_output=True, text=True, check=True).stdout
+        file_records = [json.loads(line) for line in listing.splitlines() if line.strip()]
+        if any(r["type"] == "run" and r["run"].get("display_name") == run_name for r in file_records):
+            records += file_records
+    return records
+
+
+def points(tool: str, out: Path, run_id: str, prefix: str, name: str) -> list[tuple[int, float]]:
+    """(x, value) of one curve as the tool holds it: x is the epoch or the global step."""
+    if tool == "tensorboard":
+        where = out / "tensorboard" / run_id / ("steps" if prefix == "step" else "")
+        return tensorboard_scalars(where, f"{prefix}/{name}")
+    if tool == "mlflow":
+        client, runs = mlflow_runs(out)
+        (run,) = [r for r in runs if r.info.run_name == run_id]
+        return mlflow_points(client, run, f"{prefix}/{name}")
+    x = {"epoch": "epoch", "step": "global_step"}[prefix]
+    history = [r["history"]["item"] for r in wandb_records(out, run_id) if r["type"] == "history"]
+    return [(h[x], float(h[f"{prefix}/{name}"])) for h in history if f"{prefix}/{name}" in h]  # "NaN" in JSON
+
+
+def summary(tool: str, out: Path, run_id: str) -> dict:
+    if tool == "tensorboard":
+        return {loggers.base.FINAL: tensorboard_scalars(out / "tensorboard" / run_id,
+                                                        f"summary/{loggers.base.FINAL}")[-1][1]}
+    if tool == "mlflow":
+        _, runs = mlflow_runs(out)
+        (run,) = [r for r in runs if r.info.run_name == run_id]
+        return {k.split("/", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("summary/")}
+    final = {}
+    for r in wandb_records(out, run_id):
+        if r["type"] == "summary":
+            final.update(r["summary"].get("update") or {})
+    return {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("summary/")}
+
+
+def assert_matches_metrics(tool: str, out: Path, run_id: str, rows: list[dict]) -> None:
+    """Every column of metrics.csv, every epoch once, equal to the tool's (TensorBoard keeps
+    float32)."""
+    for name in rows[0]:
+        if name == "epoch":
+            continue
+        held = points(tool, out, run_id, "epoch", name)
+        assert [x for x, _ in held] == [r["epoch"] for r in rows], (tool, name, held)
+        for (_, value), row in zip(held, rows):
+            assert value == pytest.approx(row[name], rel=1e-6, nan_ok=True), (tool, name)
+
+
+# -- a simulated run: exact kill points -----------------------------------------------------------
+def simulate(out: str, tools: str, kill_at: int) -> None:
+    """EPOCHS x STEPS steps, checkpointed (rows and epoch) after each epoch; killed with SIGKILL
+    at global step kill_at, after logging past the checkpoint and giving W&B time to flush."""
+    out = Path(out)
+    cfg = RunConfig(model="resnet8", norm="gn:4", epochs=EPOCHS).to_dict()
+    run_dir = out / RunConfig.from_dict(cfg).run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = rundir.read_json(run_dir / "state.json") or {"epoch": 0, "rows": []}
+    log = loggers.Loggers(loggers.options(tools.split(","), EVERY, out, "sim"), cfg, run_dir)
+    log.start(state["epoch"] * STEPS, state["rows"])
+    rows = state["rows"]
+    for epoch in range(state["epoch"], EPOCHS):
+        for step in range(1, STEPS + 1):
+            g = epoch * STEPS + step
+            if g == kill_at:
+                time.sleep(1.5)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if log.due(g):
+                log.step(g, {"train_loss": 1000.0 + g, "lr": 0.1})
+        rows.append({"epoch": epoch + 1, "lr": 0.1, "train_loss": 2.0 - epoch / 10, "train_error": 50.0 - epoch,
+                     "test_loss": 2.5, "test_error": 60.0 - epoch, "seconds": 1.5, "images_per_s": math.nan})
+        rundir.write_json(run_dir / "state.json", {"epoch": epoch + 1, "rows": rows})
+        rundir.write_metrics(run_dir / rundir.METRICS, rows)
+        log.epoch(epoch + 1, rows[-1])
+    log.finish("done", rows)
+
+
+def run_simulation(out: Path, tools: str, kill_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, str(out), tools, str(kill_at)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_killed_and_resumed_run_holds_every_point_once(tmp_path):
+    """The three tools at once, as `--log tensorboard --log mlflow --log wandb`."""
+    tools = [t for t in loggers.TOOLS if importlib.util.find_spec(t)]
+    if not tools:
+        pytest.skip("none of tensorboard, mlflow, wandb is installed")
+    out = tmp_path / "out"
+    # killed in epoch 2, after logging steps 12 and 15 past the checkpoint (step 10)
+    killed = run_simulation(out, ",".join(tools), kill_at=17)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_simulation(out, ",".join(tools), kill_at=0)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning" not in resumed.stderr + killed.stderr
+    run_id = next(out.glob("*/metrics.csv")).parent.name
+    rows = rundir.read_metrics(out / run_id / rundir.METRICS)
+    assert len(rows) == EPOCHS
+    for tool in tools:
+        assert_matches_metrics(tool, out, run_id, rows)
+        steps = points(tool, out, run_id, "step", "train_loss")
+        assert steps == [(g, 1000.0 + g) for g in range(EVERY, EPOCHS * STEPS + 1, EVERY)], tool
+        final = summary(tool, out, run_id)[loggers.base.FINAL]
+        assert final == pytest.approx(rundir.summarize(rows)[loggers.base.FINAL]), tool
+
+
+# -- never in the way ---------------------------------------------------------------------------
+ROW = {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_error": 50.0, "test_loss": 2.1, "test_error": 60.0}
+
+
+def a_run(tmp_path):
+    cfg = RunConfig(model="resnet8", norm="gn:4").to_dict()
+    run_dir = tmp_path / RunConfig.from_dict(cfg).run_id()
+    run_dir.mkdir(parents=True)
+    return cfg, run_dir
+
+
+def test_a_missing_library_is_one_warning_and_no_logger(monkeypatch, tmp_path, capsys):
+    for module in ("torch.utils.tensorboard", "mlflow", "wandb"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    log = loggers.options(list(loggers.TOOLS), 10, tmp_path, "x")
+    assert log.tools == ()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    for tool, line in zip(loggers.TOOLS, lines):
+        assert line.startswith(f"normlab: warning: --log {tool}:") and f"pip install 'normlab[{tool}]'" in line
+
+
+def test_a_failing_logger_is_one_warning_and_the_others_go_on(monkeypatch, tmp_path, capsys):
+    needs("tensorboard")
+
+    class DiskFull(loggers.base.Logger):
+        name = "full"
+
+        def log_step(self, step, values):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(loggers.LOGGERS, "full", DiskFull)
+    cfg, run_dir = a_run(tmp_path)
+    log = loggers.Loggers(loggers.LogOptions(("full", "tensorboard"), 1, str(tmp_path)), cfg, run_dir)
+    log.start(0, [])
+    for step in (1, 2, 3):
+        log.step(step, {"train_loss": float(step)})
+    log.epoch(1, ROW)
+    log.finish("done", [ROW])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "full logging of resnet8-gn4" in err[0] and "No space left" in err[0], err
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "tensorboard" / run_dir.name / "steps",
+                                              "step/train_loss")] == [1, 2, 3]
+
+
+def test_a_logger_that_cannot_start_is_one_warning(tmp_path, capsys):
+    needs("tensorboard")
+    cfg, run_dir = a_run(tmp_path)
+    (tmp_path / "tensorboard").write_text("a file where TensorBoard's directory would go")
+    log = loggers.Loggers(loggers.LogOptions(("tensorboard",), 1, str(tmp_path)), cfg, run_dir)
+    log.start(0, [])
+    assert not log and not log.due(1)
+    log.step(1, {"train_loss": 1.0})
+    log.finish("done", [ROW])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("normlab: warning: tensorboard logging of resnet8-gn4"), err
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_warning(monkeypatch, tmp_path, capsys):
+    needs("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    assert loggers.options(["mlflow"], 10, tmp_path, "x").tools == ()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("normlab: warning: --log mlflow:") and "127.0.0.1:9" in err[0]
+
+
+def test_wandb_without_login_or_server_logs_offline(monkeypatch, tmp_path):
+    """No login: offline, quietly. A login but no server: offline, one warning (W&B alone
+    would wait 90 s in every run). Each in a fresh process, as W&B reads its settings once."""
+    needs("wandb")
+    monkeypatch.delenv("WANDB_MODE")
+    script = ("import sys; from normlab import loggers; "
+              "print(loggers.options(['wandb'], 10, sys.argv[1], 'x').wandb_mode)")
+    no_login = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                              timeout=120)
+    assert no_login.stdout.split() == ["offline"] and "warning" not in no_login.stderr, no_login.stderr
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 86)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    no_server = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                               timeout=120)
+    assert no_server.stdout.split() == ["offline"], no_server.stderr
+    assert no_server.stderr.count("normlab: warning: --log wandb: the W&B server does not answer") == 1
+
+
+if __name__ == "__main__":
+    simulate(*sys.argv[1:3], int(sys.argv[3]))
