@@ -19,6 +19,8 @@ import pytest
 from normlab import loggers, rundir
 from normlab.config import RunConfig
 
+from conftest import write_cifar_fixture
+
 EPOCHS, STEPS, EVERY = 4, 10, 3  # the simulated run
 
 
@@ -167,6 +169,66 @@ def test_killed_and_resumed_run_holds_every_point_once(tmp_path):
         assert steps == [(g, 1000.0 + g) for g in range(EVERY, EPOCHS * STEPS + 1, EVERY)], tool
         final = summary(tool, out, run_id)[loggers.base.FINAL]
         assert final == pytest.approx(rundir.summarize(rows)[loggers.base.FINAL]), tool
+
+
+# -- real training: normlab train, reproduce, torchrun -------------------------------------------
+def normlab(*args: str, wait: bool = True, **env):
+    command = [sys.executable, "-m", "normlab", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    assert "warning" not in err, err
+    return out
+
+
+def test_train_killed_and_resumed_matches_metrics_in_every_tool(tmp_path):
+    """`normlab train --log tensorboard,mlflow,wandb`, killed (-9) after its first epoch, then the
+    same command again: each tool holds every column of metrics.csv once per epoch, the loss
+    every K steps once, the final number, and one run (found again on resume)."""
+    tools = [t for t in loggers.TOOLS if importlib.util.find_spec(t)]
+    if not tools:
+        pytest.skip("none of tensorboard, mlflow, wandb is installed")
+    data = write_cifar_fixture(tmp_path / "data", n_per_file=100)  # 500 training images: 50 steps
+    out = tmp_path / "runs"
+    args = ["train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "10", "--epochs", "4", "--data",
+            "cifar10", "--data-dir", str(data), "--out", str(out), "--quiet", "--threads", "1",
+            "--log", ",".join(tools), "--log-every", "7"]
+    proc = normlab(*args, wait=False)
+    metrics = lambda: next(out.glob(f"*/{rundir.METRICS}"), None)  # noqa: E731
+    while proc.poll() is None and not (metrics() and rundir.read_metrics(metrics())):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2: steps logged past the checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and len(rundir.read_metrics(metrics())) < 4
+    normlab(*args)
+    run_id = metrics().parent.name
+    rows = rundir.read_metrics(metrics())
+    cfg = RunConfig.from_dict(rundir.read_json(metrics().parent / rundir.CONFIG)["config"])
+    final = rundir.read_json(metrics().parent / rundir.STATUS)["summary"][loggers.base.FINAL]
+    assert len(rows) == 4
+    for tool in tools:
+        assert_matches_metrics(tool, out, run_id, rows)
+        steps = points(tool, out, run_id, "step", "train_loss")
+        assert [g for g, _ in steps] == list(range(7, 4 * 50 + 1, 7)), tool
+        assert all(0 < loss < 10 for _, loss in steps), tool
+        lrs = points(tool, out, run_id, "step", "lr")
+        assert [lr for _, lr in lrs] == pytest.approx([cfg.lr_at((g - 1) / 50) for g, _ in lrs]), tool
+        assert summary(tool, out, run_id)[loggers.base.FINAL] == pytest.approx(final), tool
+    if "mlflow" in tools:
+        _, runs = mlflow_runs(out)
+        assert [(r.info.run_name, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+        assert runs[0].data.params["norm"] == "gn:4" and runs[0].data.tags["normlab.seed"] == "0"
+    if "wandb" in tools:
+        starts = [r["run"] for r in wandb_records(out, run_id) if r["type"] == "run"]
+        assert len(starts) == 2 and {s["run_id"] for s in starts} == {f"{run_id}-{cfg_key(out, run_id)}"}
+
+
+def cfg_key(out: Path, run_id: str) -> str:
+    return rundir.read_json(out / run_id / loggers.KEY_FILE)["key"]
 
 
 # -- never in the way ---------------------------------------------------------------------------

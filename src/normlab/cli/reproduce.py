@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import NormlabError
 from ..precision import describe as describe_precision
-from .options import add_backend_options, add_runtime_options, runtime_options
+from .options import add_backend_options, add_log_options, add_runtime_options, log_options, runtime_options
 
 
 def cmd_reproduce(args) -> int:
@@ -40,6 +40,7 @@ def cmd_reproduce(args) -> int:
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
     opts = runtime_options(args)
+    opts.log = log_options(args, out, study.name)
     backend = make_backend(args.backend, opts, args.workers or (study.workers if args.backend == "local" else None),
                            address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                            partition=args.partition, time_limit=args.time_limit,
@@ -61,6 +62,9 @@ def cmd_reproduce(args) -> int:
     states = [r.get("state") for r in results.values()]
     report = build_report(out)
     print(f"report: {report}")
+    if opts.log:  # the report's figures, where the tool takes them
+        from ..loggers import log_report
+        log_report(opts.log, out, [report, *sorted((Path(report).parent / "figures").glob("*.png"))])
     from ..train import EXIT_INTERRUPTED, STOP
     if "interrupted" in states or STOP.is_set():
         print("normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
@@ -132,5 +136,6 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no live display (there is none when stderr "
                    "is not a terminal; the line per finished run is always printed)")
     add_runtime_options(p)
+    add_log_options(p)
     add_backend_options(p)
     p.set_defaults(func=cmd_reproduce)
