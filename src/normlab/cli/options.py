@@ -129,10 +129,11 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
     from ..loggers import DEFAULT_EVERY, TOOLS
 
     g = p.add_argument_group("live curves (see README, Watching runs live)")
-    g.add_argument("--log", action="append", type=log_tools, metavar="TOOL[,TOOL]",
+    g.add_argument("--log", "--log-to", dest="log", action="append", type=log_tools, metavar="TOOL[,TOOL]",
                    help=f"also log to {', '.join(TOOLS)} (repeat or list with commas): every "
                         f"column of metrics.csv per epoch, the training loss and lr every --log-every "
-                        f"steps, the config, the final number; pip install 'normlab[TOOL]' "
+                        f"steps, the config, the final number; pip install 'normlab[TOOL]'. Under "
+                        f"torchrun write --log-to (torchrun reads --log as its own --log-dir) "
                         f"(default: none)")
     g.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="K",
                    help="steps between training-loss points with --log (default: %(default)s)")
