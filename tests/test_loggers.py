@@ -4,6 +4,7 @@ by `wandb leet`), compared with metrics.csv, across a kill -9 and a resume; and 
 fail without stopping training. W&B never goes on the network here (offline mode)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -62,6 +63,7 @@ def mlflow_points(client, run, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
 
+@functools.lru_cache(maxsize=None)  # read once a test has finished writing (its paths are its own)
 def wandb_records(out: Path, run_name: str) -> list[dict]:
     """Every record of the run's offline files, in the order `wandb sync` uploads them."""
     records = []
@@ -225,6 +227,98 @@ def test_train_killed_and_resumed_matches_metrics_in_every_tool(tmp_path):
     if "wandb" in tools:
         starts = [r["run"] for r in wandb_records(out, run_id) if r["type"] == "run"]
         assert len(starts) == 2 and {s["run_id"] for s in starts} == {f"{run_id}-{cfg_key(out, run_id)}"}
+
+
+def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
+    """`normlab reproduce --seeds 2 --log ...`: one experiment for the study, its runs tagged and
+    their seeds grouped; the report's figures as a `report` run, replaced (not duplicated) when
+    the command runs again."""
+    tools = [t for t in loggers.TOOLS if importlib.util.find_spec(t)]
+    if not tools:
+        pytest.skip("none of tensorboard, mlflow, wandb is installed")
+    data = write_cifar_fixture(tmp_path / "data", n_per_file=40)  # 200 training images: 20 steps
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("name: tiny\nworkers: 1\nbase: {model: resnet8, data: cifar10, epochs: 2, batch_size: 10}\n"
+                      "studies:\n  norms:\n    - {norm: ['gn:4']}\n")
+    out = tmp_path / "results"
+    args = ["reproduce", "--preset", str(preset), "--seeds", "2", "--out", str(out), "--data-dir", str(data),
+            "--quiet", "--threads", "1", "--log", ",".join(tools), "--log-every", "5"]
+    normlab(*args)
+    normlab(*args)  # finished: nothing trains, the report is written and logged again
+    run_ids = sorted(p.parent.name for p in out.glob(f"*/{rundir.METRICS}"))
+    assert len(run_ids) == 2
+    figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
+    assert figures
+    for tool in tools:
+        for run_id in run_ids:
+            assert_matches_metrics(tool, out, run_id, rundir.read_metrics(out / run_id / rundir.METRICS))
+            assert [g for g, _ in points(tool, out, run_id, "step", "train_loss")] == [5, 10, 15, 20, 25, 30, 35, 40]
+    if "tensorboard" in tools:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        report = EventAccumulator(str(out / "tensorboard" / "report"), size_guidance={"images": 0})
+        report.Reload()
+        assert sorted(report.Tags()["images"]) == [f"figures/{f}" for f in figures]
+        assert all(len(report.Images(f"figures/{f}")) == 1 for f in figures)  # replaced, not added
+    if "mlflow" in tools:
+        client, runs = mlflow_runs(out)
+        assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {"normlab-tiny"}
+        by_name = {r.info.run_name: r for r in runs}
+        assert sorted(by_name) == sorted(run_ids + ["report"])
+        assert {by_name[r].data.tags["normlab.studies"] for r in run_ids} == {"norms"}
+        assert len({by_name[r].data.tags["normlab.group"] for r in run_ids}) == 1  # the seeds' group
+        assert {by_name[r].data.tags["normlab.seed"] for r in run_ids} == {"0", "1"}
+        stored = [a.path for a in client.list_artifacts(by_name["report"].info.run_id, "figures")]
+        assert sorted(stored) == sorted([f"figures/{f}.png" for f in figures] + ["figures/report.md"])
+    if "wandb" in tools:
+        for run_id in run_ids:
+            (start,) = {json.dumps(r["run"].get("run_group")) for r in wandb_records(out, run_id) if r["type"] == "run"}
+            assert json.loads(start) == run_ids[0].replace("-s0-", "-")[:-6] + json.loads(start)[-6:]
+        report = [r["history"]["item"] for r in wandb_records(out, "report") if r["type"] == "history"]
+        assert len(report) == 2  # once per report written
+        assert all(any(k.startswith(f"figures/{f}.") for k in report[0]) for f in figures), report[0]
+
+
+def test_each_run_of_an_array_logs_as_itself(tmp_path):
+    """Seeds fused into one network (train_array): each run has its own curves and run."""
+    needs("tensorboard")
+    from normlab.config import RuntimeOptions
+    from normlab.train import train_array
+
+    data = write_cifar_fixture(tmp_path / "data", n_per_file=40)
+    out = tmp_path / "runs"
+    cfgs = [RunConfig(model="resnet8", norm="gn:4", batch_size=10, epochs=2, data="cifar10", seed=s) for s in (0, 1)]
+    opts = RuntimeOptions(data_dir=str(data), threads=1, progress=False,
+                          log=loggers.options(["tensorboard"], 5, out, "array"))
+    statuses = train_array(cfgs, [out / c.run_id() for c in cfgs], opts)
+    assert [s["state"] for s in statuses.values()] == ["done", "done"]
+    losses = []
+    for cfg in cfgs:
+        rows = rundir.read_metrics(out / cfg.run_id() / rundir.METRICS)
+        assert rundir.read_json(out / cfg.run_id() / rundir.CONFIG)["execution"]["array"]["runs"] == 2
+        assert_matches_metrics("tensorboard", out, cfg.run_id(), rows)
+        losses.append(points("tensorboard", out, cfg.run_id(), "step", "train_loss"))
+        assert [g for g, _ in losses[-1]] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert losses[0] != losses[1]  # each its own loss, not the array's
+
+
+def test_under_torchrun_only_rank_0_logs(tmp_path):
+    needs("tensorboard")
+    data = write_cifar_fixture(tmp_path / "data", n_per_file=8)  # 40 images: 2 steps of 2 x 10
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "normlab", "train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "10",
+               "--epochs", "2", "--data", "cifar10", "--data-dir", str(data), "--out", str(out), "--quiet",
+               "--threads", "1", "--log-to", "tensorboard", "--log-every", "1"]  # torchrun takes --log
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = [p.parent for p in out.glob(f"*/{rundir.METRICS}")]
+    assert rundir.read_json(run_dir / rundir.CONFIG)["execution"]["how"] == "processes (torchrun)"
+    board = out / "tensorboard" / run_dir.name
+    assert len(list(board.glob("events.*"))) == 1 and len(list((board / "steps").glob("events.*"))) == 1
+    assert_matches_metrics("tensorboard", out, run_dir.name, rundir.read_metrics(run_dir / rundir.METRICS))
+    assert [g for g, _ in points("tensorboard", out, run_dir.name, "step", "train_loss")] == [1, 2, 3, 4]
 
 
 def cfg_key(out: Path, run_id: str) -> str:
