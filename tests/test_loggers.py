@@ -321,6 +321,21 @@ def test_under_torchrun_only_rank_0_logs(tmp_path):
     assert [g for g, _ in points("tensorboard", out, run_dir.name, "step", "train_loss")] == [1, 2, 3, 4]
 
 
+def test_the_logging_options_travel_to_cluster_nodes(tmp_path, monkeypatch):
+    """Ray and SLURM get the runtime options pickled: --log goes with them, its paths absolute
+    and MLflow's store settled where the command started."""
+    import pickle
+
+    from normlab.backends.base import options_for_nodes
+    from normlab.config import RuntimeOptions
+
+    monkeypatch.chdir(tmp_path)
+    log = loggers.options([], 7, "results", "quick")
+    assert log.root == str(tmp_path / "results") and log.mlflow_uri == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    node = pickle.loads(pickle.dumps(options_for_nodes(RuntimeOptions(log=log), threads=2, gpus=0)))
+    assert node.log == log
+
+
 def cfg_key(out: Path, run_id: str) -> str:
     return rundir.read_json(out / run_id / loggers.KEY_FILE)["key"]
 
