@@ -202,7 +202,11 @@ def test_train_killed_and_resumed_matches_metrics_in_every_tool(tmp_path):
     metrics = lambda: next(out.glob(f"*/{rundir.METRICS}"), None)  # noqa: E731
     while proc.poll() is None and not (metrics() and rundir.read_metrics(metrics())):
         time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2: steps logged past the checkpoint
+    steps = lambda: sum(p.stat().st_size for p in out.glob("tensorboard/*/steps/events.*"))  # noqa: E731
+    logged = steps()
+    while proc.poll() is None and "tensorboard" in tools and steps() == logged:
+        time.sleep(0.05)  # until a step past the first epoch's checkpoint is logged
+    time.sleep(0.6)  # and W&B has written it to its file
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL and len(rundir.read_metrics(metrics())) < 4
@@ -230,9 +234,9 @@ def test_train_killed_and_resumed_matches_metrics_in_every_tool(tmp_path):
 
 
 def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
-    """`normlab reproduce --seeds 2 --log ...`: one experiment for the study, its runs tagged and
-    their seeds grouped; the report's figures as a `report` run, replaced (not duplicated) when
-    the command runs again."""
+    """`normlab reproduce --seeds 2 --log ...`: the two seeds train as one array, each logging as
+    itself; one experiment for the study, its runs tagged and their seeds grouped; the report's
+    figures as a `report` run, replaced (not duplicated) when the command runs again."""
     tools = [t for t in loggers.TOOLS if importlib.util.find_spec(t)]
     if not tools:
         pytest.skip("none of tensorboard, mlflow, wandb is installed")
@@ -241,18 +245,21 @@ def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
     preset.write_text("name: tiny\nworkers: 1\nbase: {model: resnet8, data: cifar10, epochs: 2, batch_size: 10}\n"
                       "studies:\n  norms:\n    - {norm: ['gn:4']}\n")
     out = tmp_path / "results"
-    args = ["reproduce", "--preset", str(preset), "--seeds", "2", "--out", str(out), "--data-dir", str(data),
+    args = ["reproduce", "--preset", str(preset), "--seeds", "2", "--fuse", "2", "--out", str(out), "--data-dir", str(data),
             "--quiet", "--threads", "1", "--log", ",".join(tools), "--log-every", "5"]
     normlab(*args)
     normlab(*args)  # finished: nothing trains, the report is written and logged again
     run_ids = sorted(p.parent.name for p in out.glob(f"*/{rundir.METRICS}"))
-    assert len(run_ids) == 2
+    assert len(run_ids) == 2 and rundir.read_json(out / run_ids[0] / rundir.CONFIG)["execution"]["array"]["runs"] == 2
     figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert figures
     for tool in tools:
+        losses = []
         for run_id in run_ids:
             assert_matches_metrics(tool, out, run_id, rundir.read_metrics(out / run_id / rundir.METRICS))
-            assert [g for g, _ in points(tool, out, run_id, "step", "train_loss")] == [5, 10, 15, 20, 25, 30, 35, 40]
+            losses.append(points(tool, out, run_id, "step", "train_loss"))
+            assert [g for g, _ in losses[-1]] == [5, 10, 15, 20, 25, 30, 35, 40]
+        assert losses[0] != losses[1]  # each run of the array its own loss, not the array's
     if "tensorboard" in tools:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -277,29 +284,6 @@ def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
         report = [r["history"]["item"] for r in wandb_records(out, "report") if r["type"] == "history"]
         assert len(report) == 2  # once per report written
         assert all(any(k.startswith(f"figures/{f}.") for k in report[0]) for f in figures), report[0]
-
-
-def test_each_run_of_an_array_logs_as_itself(tmp_path):
-    """Seeds fused into one network (train_array): each run has its own curves and run."""
-    needs("tensorboard")
-    from normlab.config import RuntimeOptions
-    from normlab.train import train_array
-
-    data = write_cifar_fixture(tmp_path / "data", n_per_file=40)
-    out = tmp_path / "runs"
-    cfgs = [RunConfig(model="resnet8", norm="gn:4", batch_size=10, epochs=2, data="cifar10", seed=s) for s in (0, 1)]
-    opts = RuntimeOptions(data_dir=str(data), threads=1, progress=False,
-                          log=loggers.options(["tensorboard"], 5, out, "array"))
-    statuses = train_array(cfgs, [out / c.run_id() for c in cfgs], opts)
-    assert [s["state"] for s in statuses.values()] == ["done", "done"]
-    losses = []
-    for cfg in cfgs:
-        rows = rundir.read_metrics(out / cfg.run_id() / rundir.METRICS)
-        assert rundir.read_json(out / cfg.run_id() / rundir.CONFIG)["execution"]["array"]["runs"] == 2
-        assert_matches_metrics("tensorboard", out, cfg.run_id(), rows)
-        losses.append(points("tensorboard", out, cfg.run_id(), "step", "train_loss"))
-        assert [g for g, _ in losses[-1]] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert losses[0] != losses[1]  # each its own loss, not the array's
 
 
 def test_under_torchrun_only_rank_0_logs(tmp_path):
