@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 import os
 import signal
 import subprocess
@@ -22,7 +21,6 @@ from normlab.config import RunConfig
 
 from conftest import write_cifar_fixture
 
-EPOCHS, STEPS, EVERY = 4, 10, 3  # the simulated run
 
 
 def needs(tool: str) -> None:
@@ -115,62 +113,6 @@ def assert_matches_metrics(tool: str, out: Path, run_id: str, rows: list[dict]) 
         assert [x for x, _ in held] == [r["epoch"] for r in rows], (tool, name, held)
         for (_, value), row in zip(held, rows):
             assert value == pytest.approx(row[name], rel=1e-6, nan_ok=True), (tool, name)
-
-
-# -- a simulated run: exact kill points -----------------------------------------------------------
-def simulate(out: str, tools: str, kill_at: int) -> None:
-    """EPOCHS x STEPS steps, checkpointed (rows and epoch) after each epoch; killed with SIGKILL
-    at global step kill_at, after logging past the checkpoint and giving W&B time to flush."""
-    out = Path(out)
-    cfg = RunConfig(model="resnet8", norm="gn:4", epochs=EPOCHS).to_dict()
-    run_dir = out / RunConfig.from_dict(cfg).run_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = rundir.read_json(run_dir / "state.json") or {"epoch": 0, "rows": []}
-    log = loggers.Loggers(loggers.options(tools.split(","), EVERY, out, "sim"), cfg, run_dir)
-    log.start(state["epoch"] * STEPS, state["rows"])
-    rows = state["rows"]
-    for epoch in range(state["epoch"], EPOCHS):
-        for step in range(1, STEPS + 1):
-            g = epoch * STEPS + step
-            if g == kill_at:
-                time.sleep(1.5)
-                os.kill(os.getpid(), signal.SIGKILL)
-            if log.due(g):
-                log.step(g, {"train_loss": 1000.0 + g, "lr": 0.1})
-        rows.append({"epoch": epoch + 1, "lr": 0.1, "train_loss": 2.0 - epoch / 10, "train_error": 50.0 - epoch,
-                     "test_loss": 2.5, "test_error": 60.0 - epoch, "seconds": 1.5, "images_per_s": math.nan})
-        rundir.write_json(run_dir / "state.json", {"epoch": epoch + 1, "rows": rows})
-        rundir.write_metrics(run_dir / rundir.METRICS, rows)
-        log.epoch(epoch + 1, rows[-1])
-    log.finish("done", rows)
-
-
-def run_simulation(out: Path, tools: str, kill_at: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, str(out), tools, str(kill_at)], capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_killed_and_resumed_run_holds_every_point_once(tmp_path):
-    """The three tools at once, as `--log tensorboard --log mlflow --log wandb`."""
-    tools = [t for t in loggers.TOOLS if importlib.util.find_spec(t)]
-    if not tools:
-        pytest.skip("none of tensorboard, mlflow, wandb is installed")
-    out = tmp_path / "out"
-    # killed in epoch 2, after logging steps 12 and 15 past the checkpoint (step 10)
-    killed = run_simulation(out, ",".join(tools), kill_at=17)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = run_simulation(out, ",".join(tools), kill_at=0)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "warning" not in resumed.stderr + killed.stderr
-    run_id = next(out.glob("*/metrics.csv")).parent.name
-    rows = rundir.read_metrics(out / run_id / rundir.METRICS)
-    assert len(rows) == EPOCHS
-    for tool in tools:
-        assert_matches_metrics(tool, out, run_id, rows)
-        steps = points(tool, out, run_id, "step", "train_loss")
-        assert steps == [(g, 1000.0 + g) for g in range(EVERY, EPOCHS * STEPS + 1, EVERY)], tool
-        final = summary(tool, out, run_id)[loggers.base.FINAL]
-        assert final == pytest.approx(rundir.summarize(rows)[loggers.base.FINAL]), tool
 
 
 # -- real training: normlab train, reproduce, torchrun -------------------------------------------
@@ -407,6 +349,3 @@ def test_wandb_without_login_or_server_logs_offline(monkeypatch, tmp_path):
     assert no_server.stdout.split() == ["offline"], no_server.stderr
     assert no_server.stderr.count("normlab: warning: --log wandb: the W&B server does not answer") == 1
 
-
-if __name__ == "__main__":
-    simulate(*sys.argv[1:3], int(sys.argv[3]))

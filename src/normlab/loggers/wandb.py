@@ -81,7 +81,7 @@ class WandbLogger(Logger):
         """The last epoch and step that W&B holds for this run."""
         keys = ("epoch", "global_step")
         held = {k: self.run.summary.get(k) for k in keys if self.run.summary.get(k) is not None}
-        if self.run.settings.mode not in OFFLINE:
+        if self.run.settings.mode not in ("offline", "dryrun"):  # online, or disabled (WANDB_MODE)
             return held
         current = Path(self.run.settings.sync_file).resolve()
         for path in sorted((self.dir / "wandb").glob(f"offline-run-*/run-{self.id}.wandb")):
