@@ -140,6 +140,11 @@ CASES: list[Case | Elsewhere] = [
     # -- how to run --------------------------------------------------------------------------
     Case("threads-zero", "0 CPU threads", TRAIN + ["--threads", "0"], "--threads must be positive"),
     Case("checkpoint-every-zero", "checkpoints every 0 minutes", TRAIN + ["--checkpoint-every", "0"], "--checkpoint-every must be a positive"),
+    Case("log-unknown", "a tracking tool normlab does not log to", TRAIN + ["--log", "comet"], "unknown tool 'comet'"),
+    Case("log-unknown-in-list", "an unknown tool in a list", REPRODUCE + ["--log", "tensorboard,neptune"],
+         "unknown tool 'neptune'"),
+    Case("log-every-zero", "training-loss points every 0 steps", TRAIN + ["--log-every", "0"],
+         "--log-every must be a positive"),
     Case("device-unknown", "an unknown device", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     Case("device-cuda-missing", "--device cuda without CUDA (or cuda:7 on a one-GPU machine)",
          TRAIN + ["--device", "cuda:7"], "use --device"),

@@ -11,11 +11,15 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .data import DATA_CHOICES, SIZES
 from .errors import NormlabError
 from .models import check_norm_fits, parse_model
 from .norms import RenormRamp, canonical_norm, label, parse_norm
+
+if TYPE_CHECKING:
+    from .loggers import LogOptions
 
 SCHEDULES = ("step", "multistep", "cosine")
 MAX_EPOCHS = 10_000
@@ -241,3 +245,4 @@ class RuntimeOptions:
     compile: bool = False
     checkpoint_minutes: float | None = None  # also checkpoint within an epoch this often
     progress: bool = True
+    log: "LogOptions | None" = None     # --log: live curves in TensorBoard, MLflow, W&B (loggers/)

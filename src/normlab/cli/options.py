@@ -141,6 +141,41 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                    "is queued; the same command later waits for it and writes the report")
 
 
+def add_log_options(p: argparse.ArgumentParser) -> None:
+    from ..loggers import DEFAULT_EVERY, TOOLS
+
+    g = p.add_argument_group("live curves (see README, Watching runs live)")
+    g.add_argument("--log", "--log-to", dest="log", action="append", type=log_tools, metavar="TOOL[,TOOL]",
+                   help=f"also log to {', '.join(TOOLS)} (repeat or list with commas): every "
+                        f"column of metrics.csv per epoch, the training loss and lr every --log-every "
+                        f"steps, the config, the final number; pip install 'normlab[TOOL]'. Under "
+                        f"torchrun write --log-to (torchrun reads --log as its own --log-dir) "
+                        f"(default: none)")
+    g.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="K",
+                   help="steps between training-loss points with --log (default: %(default)s)")
+
+
+def log_tools(text: str) -> list[str]:
+    from ..loggers import TOOLS
+
+    tools = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown or not tools:
+        raise argparse.ArgumentTypeError(f"unknown tool '{unknown[0] if unknown else text}'; "
+                                         f"use {', '.join(TOOLS)}")
+    return tools
+
+
+def log_options(args, out, study: str):
+    """The --log options, checked where the command starts (see loggers.options)."""
+    from ..loggers import options
+
+    if args.log_every < 1:
+        raise NormlabError(f"--log-every must be a positive number of steps, got {args.log_every}")
+    tools = [t for group in args.log or [] for t in group]
+    return options(tools, args.log_every, out, study) if tools else None
+
+
 def run_config(args, processes: int = 1) -> RunConfig:
     """The run config of `normlab train`; under torchrun the K processes are its K devices,
     so that the run is the same (same id) as --virtual-gpus K in one process."""

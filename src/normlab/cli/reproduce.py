@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import NormlabError
 from ..precision import describe as describe_precision
 from ..records import safe_name
-from .options import add_backend_options, add_runtime_options, check_data_dir, runtime_options
+from .options import add_backend_options, add_log_options, add_runtime_options, check_data_dir, log_options, runtime_options
 
 
 def cmd_reproduce(args) -> int:
@@ -42,6 +42,7 @@ def cmd_reproduce(args) -> int:
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
     opts = runtime_options(args)
+    opts.log = log_options(args, out, study.name)
     backend = make_backend(args.backend, opts, args.workers or (study.workers if args.backend == "local" else None),
                            address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                            partition=args.partition, time_limit=args.time_limit,
@@ -63,6 +64,9 @@ def cmd_reproduce(args) -> int:
     states = [r.get("state") for r in results.values()]
     report = build_report(out)
     print(f"report: {report}")
+    if opts.log:  # the report's figures, where the tool takes them
+        from ..loggers import log_report
+        log_report(opts.log, out, [report, *sorted((Path(report).parent / "figures").glob("*.png"))])
     from ..train import EXIT_INTERRUPTED, STOP
     if "interrupted" in states or STOP.is_set():
         print("normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
@@ -135,5 +139,6 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no live display (there is none when stderr "
                    "is not a terminal; the line per finished run is always printed)")
     add_runtime_options(p)
+    add_log_options(p)
     add_backend_options(p)
     p.set_defaults(func=cmd_reproduce)

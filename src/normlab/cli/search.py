@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import NormlabError
 from ..data import DATA_CHOICES
-from .options import DEFAULTS, add_runtime_options, check_data_dir, runtime_options
+from .options import DEFAULTS, add_log_options, add_runtime_options, check_data_dir, log_options, runtime_options
 
 
 def cmd_search_groups(args) -> int:
@@ -36,6 +36,7 @@ def cmd_search_groups(args) -> int:
     print(describe(spec, probe(spec, opts)), flush=True)
     if args.dry_run:
         return 0
+    opts.log = log_options(args, args.out, "search-groups")
     from ..train import EXIT_INTERRUPTED
     state, search = run_workers(Path(args.out), spec, opts, workers, args.force, args.quiet)
     if state != "done":
@@ -83,4 +84,5 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and its cost; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_runtime_options(p)
+    add_log_options(p)
     p.set_defaults(func=cmd_search_groups)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import NormlabError
 from ..precision import describe as describe_precision
-from .options import add_run_options, add_runtime_options, check_data_dir, run_config, runtime_options
+from .options import add_log_options, add_run_options, add_runtime_options, check_data_dir, log_options, run_config, runtime_options
 
 
 def cmd_train(args) -> int:
@@ -42,6 +42,8 @@ def train_run(args, group) -> int:
         if group.device is not None:
             opts.device = str(group.device)
         opts.progress = opts.progress and group.writer
+        if group.writer:  # under torchrun only rank 0 logs
+            opts.log = log_options(args, args.out, "train")
     out = Path(args.out)
     run = start(group, cfgs, [out / c.run_id() for c in cfgs], opts, args.force)
     if group.writer:
@@ -122,6 +124,7 @@ def add_parser(sub) -> None:
                        "the same command again resumes it, or does nothing if it finished.")
     add_run_options(p)
     add_runtime_options(p)
+    add_log_options(p)
     p.add_argument("--seeds", type=seed_list, metavar="S,S,...", help="train these seeds (e.g. 0,1,2) "
                    "at once as one array: one network holding every run side by side, each run in its own "
                    "directory exactly as if trained alone (up to float rounding); instead of --seed")

@@ -22,6 +22,7 @@ from .. import __version__, rundir
 from ..config import RunConfig, RuntimeOptions
 from ..data import Dataset, Normalizer, apply_augmentation, augment, draw_augmentation, load_dataset
 from ..errors import NormlabError
+from ..loggers import Loggers
 from ..norms import norm_layers, parse_norm, precise_statistics, renorm_layers
 from ..precision import choose_amp
 from . import ranks
@@ -313,7 +314,8 @@ class Trainer:
             indices = [m.order[window].to(self.device) for m in self.members]
             if self.renorm:
                 self.set_renorm_limits()
-            losses, wrongs = self.train_step(indices, cfg.lr_at(self.epoch + self.step / self.steps))
+            lr = cfg.lr_at(self.epoch + self.step / self.steps)
+            losses, wrongs = self.train_step(indices, lr)
             if self.renorm:  # BRN's running statistics feed its next step: one copy, as one process's
                 self.dist.average_buffers(*self.renorm)  # chunks share (averaged) under --virtual-gpus
             minutes = self.opts.checkpoint_minutes
@@ -328,6 +330,7 @@ class Trainer:
                     member.sums += sums
             self.step += 1
             self.epoch_seconds = seconds_before + time.perf_counter() - start
+            self.log_step(step_sums, lr)
             if self.step % DIVERGENCE_CHECK_STEPS == 0 and self.diverged():
                 break
             if on_progress is not None:
@@ -348,6 +351,19 @@ class Trainer:
             return str(self.members[0].dir)
         return f"{self.runs} run directories under {self.members[0].dir.parent}"
 
+    def log_step(self, step_sums: torch.Tensor, lr: float) -> None:
+        """--log: the step's training loss (all ranks') and lr, every --log-every steps; the
+        loss is read (a device sync) only then."""
+        step = self.epoch * self.steps + self.step
+        if any(m.loggers.due(step) for m in self.members):
+            for member, (loss, _, n) in zip(self.members, step_sums.view(self.runs, 3).tolist()):
+                if member.loggers.due(step):
+                    member.loggers.step(step, {"train_loss": loss / n, "lr": lr})
+
+    def end_logging(self, state: str) -> None:
+        for member in self.members:
+            member.loggers.finish(state, member.rows)
+
     def diverged(self) -> list[int]:
         """The runs whose loss became NaN or infinite (the sums are the same on every rank)."""
         return [r for r, m in enumerate(self.members) if not torch.isfinite(m.sums[0])]
@@ -356,6 +372,8 @@ class Trainer:
         """Record diverged runs as such and train on without them (their earlier epochs stay)."""
         statuses = [self.members[r].write_status("diverged", self.epoch, diverged_in_epoch=self.epoch + 1)
                     for r in diverged]
+        for r in diverged:
+            self.members[r].loggers.finish("diverged", self.members[r].rows)
         keep = [r for r in range(self.runs) if r not in diverged]
         for r in diverged:
             self.members[r].release()
@@ -430,6 +448,9 @@ class Trainer:
                 member.write_metrics()
             if self.dist.writer:
                 rundir.write_json(member.dir / rundir.CONFIG, self.describe(member))
+            # --log: each run logs as itself (rank 0 only), from the checkpoint's step on
+            member.loggers = Loggers(self.opts.log, member.cfg.to_dict(), member.dir, self.dist.writer)
+            member.loggers.start(self.epoch * self.steps + self.step, member.rows)
         self.write_status("running")
         try:
             while self.members and self.epoch < self.cfg.epochs:
@@ -447,8 +468,9 @@ class Trainer:
                 self.epoch, self.step = self.epoch + 1, 0
                 self.epoch_seconds = 0.0
                 self.save_checkpoint()
-                for member in self.members:
+                for member, row in zip(self.members, rows):
                     member.write_metrics()
+                    member.loggers.epoch(row["epoch"], row)
                 self.write_status("running")
                 if on_epoch is not None:
                     for member, row in zip(self.members, rows):
@@ -456,12 +478,18 @@ class Trainer:
                 if self.dist.agree(STOP.is_set())[0] and self.epoch < self.cfg.epochs:
                     self.write_status("interrupted")
                     raise Interrupted(self.where())
-        except (Interrupted, NormlabError):
+        except Interrupted:
+            self.end_logging("interrupted")
+            raise
+        except NormlabError:
+            self.end_logging("failed")
             raise
         except Exception as err:
             self.write_status("failed", error=f"{type(err).__name__}: {err}")
+            self.end_logging("failed")
             raise
         for member in self.members:
             results[member.run_id] = member.write_status(
                 "done", self.epoch, wall_seconds=sum(r["seconds"] for r in member.rows))
+        self.end_logging("done")
         return results

@@ -22,6 +22,7 @@ import torch
 from .. import checkpoint, rundir
 from ..config import RunConfig
 from ..errors import NormlabError
+from ..loggers import Loggers
 from .control import RunBusy
 
 PREVIOUS = "checkpoint.prev.pt"
@@ -49,6 +50,7 @@ class Member:
         self.rows: list[dict] = []
         self.resume_state: dict | None = None         # read by open(), applied by the trainer
         self.lock: rundir.RunLock | None = None
+        self.loggers = Loggers(None)                   # --log: opened by the loop when it trains
 
     # -- the directory -----------------------------------------------------------------------
     def open(self, force: bool = False) -> None:

@@ -1,0 +1,126 @@
+"""Weights & Biases, through its SDK.
+
+Online where a login is set up ($WANDB_API_KEY, `wandb login`), else W&B's offline mode: runs
+in $WANDB_DIR or OUT/wandb/, watched with `wandb leet` and uploaded with `wandb sync`. A server
+that cannot be reached (checked once, where the command starts) means offline too, with one
+warning. Project $WANDB_PROJECT, else normlab-<study>; the seeds of one setting form a group;
+the W&B run id is <run-id>-<key>, the key kept in the run directory, so that a resumed run is
+the same W&B run (online: W&B resumes it; offline: each attempt writes its own offline run
+file, and `wandb sync` appends them in order).
+
+W&B keeps one step counter per run, so the curves name their own x axes (define_metric):
+epoch/* against `epoch`, step/* against `global_step`. A resumed run asks W&B how far it got
+(the run's summary; offline, the summaries of its earlier offline files, read by W&B's own
+reader `wandb leet inspect`) and logs only what comes after.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .base import Logger, describe, numbers, warn
+
+OFFLINE = ("offline", "dryrun", "disabled")
+
+
+class WandbLogger(Logger):
+    name = "wandb"
+
+    @staticmethod
+    def check(opts):
+        """Online only with a login and a server that answers; else offline for every run."""
+        import wandb
+        from wandb.errors import UsageError
+
+        if os.environ.get("WANDB_MODE") in OFFLINE:
+            return opts
+        try:
+            wandb.login(verify=True, timeout=10)
+            return opts
+        except UsageError:  # no login set up
+            return dataclasses.replace(opts, wandb_mode="offline")
+        except Exception as err:
+            warn(f"--log wandb: the W&B server does not answer ({describe('wandb', err)}); logging "
+                 f"offline in {wandb_dir(opts) / 'wandb'}, for `wandb sync` later")
+            return dataclasses.replace(opts, wandb_mode="offline")
+
+    def start(self, run, resume_step, rows):
+        import wandb
+        from wandb.errors import UsageError
+
+        self.dir = wandb_dir(self.opts)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.id = f"{run.run_id}-{run.key}"
+        args = dict(id=self.id, name=run.run_id, group=run.group, config=run.config, resume="allow",
+                    tags=[f"{k}={v}"[:64] for k, v in run.tags.items()], dir=str(self.dir),
+                    reinit="create_new",  # a process may train several runs, even at once
+                    settings=wandb.Settings(silent=True, console="off"))
+        if not os.environ.get("WANDB_PROJECT"):
+            args["project"] = run.experiment
+        if self.opts.wandb_mode and not os.environ.get("WANDB_MODE"):
+            args["mode"] = self.opts.wandb_mode
+        try:
+            self.run = wandb.init(**args)
+        except UsageError:  # no login where this run trains: offline
+            self.run = wandb.init(**{**args, "mode": "offline"})
+        self.run.define_metric("epoch")
+        self.run.define_metric("epoch/*", step_metric="epoch")
+        self.run.define_metric("global_step")
+        self.run.define_metric("step/*", step_metric="global_step")
+        held = self.held()
+        self.held_step = held.get("global_step", -1)
+        for row in rows:
+            if row["epoch"] > held.get("epoch", 0):
+                self.log_epoch(row["epoch"], row)
+
+    def held(self) -> dict[str, float]:
+        """The last epoch and step that W&B holds for this run."""
+        keys = ("epoch", "global_step")
+        held = {k: self.run.summary.get(k) for k in keys if self.run.summary.get(k) is not None}
+        if self.run.settings.mode not in ("offline", "dryrun"):  # online, or disabled (WANDB_MODE)
+            return held
+        current = Path(self.run.settings.sync_file).resolve()
+        for path in sorted((self.dir / "wandb").glob(f"offline-run-*/run-{self.id}.wandb")):
+            if path.resolve() != current:
+                summary = file_summary(path)
+                for k in keys:
+                    if isinstance(summary.get(k), (int, float)):
+                        held[k] = max(held.get(k, -1), summary[k])
+        return held
+
+    def log_step(self, step, values):
+        if step > self.held_step:
+            self.run.log({"global_step": step, **{f"step/{k}": v for k, v in values.items()}})
+
+    def log_epoch(self, epoch, row):
+        self.run.log({"epoch": epoch, **{f"epoch/{k}": v for k, v in numbers(row).items()}})
+
+    def summary(self, values):
+        self.run.summary.update({f"summary/{k}": v for k, v in values.items()})
+
+    def artifacts(self, paths):
+        import wandb
+
+        images = {f"figures/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
+        if images:
+            self.run.log(images)
+
+    def close(self, state):
+        if state == "interrupted":
+            self.run.mark_preempting()  # W&B's word for a run that stops to be resumed
+        self.run.finish(exit_code=0 if state in ("done", "diverged") else 1)
+
+
+def wandb_dir(opts) -> Path:
+    return Path(os.environ.get("WANDB_DIR") or opts.root)
+
+
+def file_summary(path: Path) -> dict:
+    """The last values an offline run file holds, read by W&B's own reader."""
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
+                             str(path)], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout).get("summary") or {}
