@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .loggers import LogOptions
 
 SCHEDULES = ("step", "multistep", "cosine")
+FAST_PATHS = ("off", "graph", "compile")  # --fast-path (train/fast.py)
 MAX_EPOCHS = 10_000
 RAMP = RenormRamp()  # the paper's ramp, scaled to the run's length
 # RunConfig fields added after normlab 0.1. Left out of a config's dict (and so of its run id
@@ -246,3 +247,5 @@ class RuntimeOptions:
     checkpoint_minutes: float | None = None  # also checkpoint within an epoch this often
     progress: bool = True
     log: "LogOptions | None" = None     # --log: live curves in TensorBoard, MLflow, W&B (loggers/)
+    deterministic: bool = False   # deterministic algorithms (exact resume on CUDA), at a cost
+    fast_path: str = "off"        # off | graph | compile: whole-step CUDA paths (train/fast.py)

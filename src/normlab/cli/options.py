@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import RunConfig, RuntimeOptions
+from ..config import FAST_PATHS, RunConfig, RuntimeOptions
 from ..data import DATA_CHOICES
 from ..errors import NormlabError
 from ..norms import SPEC_HELP
@@ -100,6 +100,16 @@ def add_runtime_options(p: argparse.ArgumentParser, training: bool = True) -> No
                         "other CPUs, where bf16 is slower" + ("; the choice is recorded in config.json)"
                                                                if training else ")"))
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fast-path", choices=FAST_PATHS, default="off",
+                   help="CUDA only, for small batches: graph captures the whole training step as "
+                        "one CUDA graph; compile is torch.compile(mode='reduce-overhead') of the "
+                        "model; results equal the eager step's to float rounding (default: "
+                        "%(default)s; see benchmarks/gpu/)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (torch.use_deterministic_algorithms, cuDNN "
+                        "deterministic), so that a run resumed on CUDA continues exactly; slower "
+                        "on CUDA, no effect on the CPU's results; recorded in config.json, never "
+                        "part of the run id")
     if training:
         g.add_argument("--checkpoint-every", type=float, metavar="MIN", dest="checkpoint_minutes",
                        help="also checkpoint within an epoch every MIN minutes (default: at the end "
@@ -203,4 +213,5 @@ def runtime_options(args) -> RuntimeOptions:
     return RuntimeOptions(device=args.device, threads=args.threads, data_dir=getattr(args, "data_dir", None),
                           channels_last=args.channels_last, amp=args.amp, compile=args.compile,
                           checkpoint_minutes=minutes,
-                          progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
+                          progress=not getattr(args, "quiet", False) and sys.stderr.isatty(),
+                          deterministic=args.deterministic, fast_path=args.fast_path)

@@ -1,6 +1,7 @@
 """The pieces a training is built from: its device, each run's initial model, the optimizer."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -25,6 +26,19 @@ def resolve_device(name: str) -> torch.device:
         raise NormlabError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} "
                            f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of those")
     return device
+
+
+def set_deterministic(on: bool) -> None:
+    """--deterministic: only deterministic algorithms (cuDNN's and cuBLAS's included), so that
+    the same step on the same state gives the same bits on CUDA and a resumed run continues
+    exactly. Process-wide, like the settings it makes. cuBLAS reads its workspace setting when
+    it starts, so this runs before the first CUDA operation of the process. An operation that
+    has no deterministic version warns, naming itself (torch's warn_only), rather than stopping
+    the run; the CPU's kernels are deterministic already."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
 
 
 def seed_everything(seed: int) -> None:

@@ -25,9 +25,9 @@ from ..errors import NormlabError
 from ..loggers import Loggers
 from ..norms import norm_layers, parse_norm, precise_statistics, renorm_layers
 from ..precision import choose_amp
-from . import ranks
+from . import fast, memory, ranks
 from .array import Network
-from .build import build_optimizer, initial_model, resolve_device
+from .build import build_optimizer, initial_model, resolve_device, set_deterministic
 from .control import STOP, Interrupted, RunBusy
 from .state import Member, align, drop_previous, position, restore_globals, save_checkpoints
 
@@ -79,7 +79,9 @@ class Trainer:
         self.dist = group  # torchrun: this process's rank; collectives are no-ops in one process
         if group.world > 1 and len(cfgs) > 1:
             raise NormlabError("a run array trains in one process; under torchrun train one seed at a time")
+        set_deterministic(opts.deterministic)  # before anything touches CUDA (cuBLAS reads it once)
         self.device = resolve_device(opts.device)
+        fast.check(opts.fast_path, self.device, opts.compile, group.world)
         if opts.threads:
             torch.set_num_threads(opts.threads)
         # Everything that can fail on bad input fails here, before any run directory exists.
@@ -106,6 +108,8 @@ class Trainer:
         # Resumable position, shared by the array: epochs finished, steps into the current epoch.
         self.epoch, self.step = 0, 0
         self.epoch_seconds = 0.0
+        if self.device.type == "cuda":  # a batch the GPU cannot hold is bad input: refused here
+            memory.probe(self)
 
     def assemble(self, lone_models: list, optimizer_states: list[dict] | None = None) -> None:
         """The network, optimizer and per-layer handles for these runs' models."""
@@ -121,6 +125,9 @@ class Trainer:
         if optimizer_states is not None:
             self.optimizer.load_state_dict(self.network.stack_optimizer_states(optimizer_states))
         self.forward = torch.compile(self.model) if self.opts.compile else self.model
+        if self.opts.fast_path == "compile":
+            self.forward = torch.compile(self.model, mode="reduce-overhead")
+        self.graph_step = fast.GraphStep(self) if self.opts.fast_path == "graph" else None
 
     @property
     def runs(self) -> int:
@@ -182,7 +189,8 @@ class Trainer:
             else f"{self.device} ({torch.cuda.get_device_name(self.device)})",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "normlab": __version__,
             "speed_options": {"channels_last": self.channels_last, "compile": self.opts.compile,
-                              "amp": self.amp, "amp_reason": self.amp_reason},
+                              "amp": self.amp, "amp_reason": self.amp_reason,
+                              "deterministic": self.opts.deterministic, "fast_path": self.opts.fast_path},
         }
 
     def write_status(self, state: str, **extra) -> list[dict]:
@@ -223,6 +231,8 @@ class Trainer:
         for m, state in zip(self.members, states):
             m.restore(state)
         restore_globals(states[0])
+        if self.graph_step is not None:  # the loaded optimizer state is new tensors: capture again
+            self.graph_step = fast.GraphStep(self)
         return True
 
     def open(self, force: bool = False, tolerant: bool = False) -> None:
@@ -273,6 +283,21 @@ class Trainer:
         index = torch.cat([i[part] for i in indices])
         offsets = torch.cat([o[:, part] for o, _ in draws], dim=1)
         flips = torch.cat([f[part] for _, f in draws])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.graph_step is not None:
+            losses, wrong = self.graph_step(index, offsets, flips, lr)
+        else:
+            if self.opts.fast_path == "compile":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are read
+            losses, wrong = self.compute_step(index, offsets, flips, self.optimizer.step)
+        return list(losses.unbind()), list(wrong.unbind())
+
+    def compute_step(self, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, update,
+                     autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's work on the device: gather and augment the images at `index` (every run's,
+        this rank's part), forward, backward and `update` (the optimizer's step); returns each
+        run's mean loss [R] and error count [R]. The whole of it is what --fast-path graph captures."""
         x = self.normalize(apply_augmentation(self.data.train.images[index], offsets, flips))
         y = self.data.train.labels[index]
         if self.runs > 1:  # [R*N, 3, H, W] -> [N, 3R, H, W]: run r's images in channels 3r..3r+2
@@ -280,9 +305,7 @@ class Trainer:
             x = x.view(self.runs, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[2:])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with self.autocast():
+        with (autocast or self.autocast)():
             out = self.forward(x)
             if self.runs > 1:  # [N, R*classes] -> [R*N, classes], the order of y
                 out = out.view(out.shape[0], self.runs, -1).transpose(0, 1).reshape(-1, out.shape[1] // self.runs)
@@ -294,9 +317,9 @@ class Trainer:
                 loss = losses.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        update()
         wrong = (out.argmax(1) != y).view(self.runs, -1).sum(1)
-        return list(losses.detach().unbind()), list(wrong.unbind())
+        return losses.detach(), wrong
 
     def train_epoch(self, on_progress=None) -> None:
         cfg = self.cfg
@@ -484,6 +507,10 @@ class Trainer:
         except NormlabError:
             self.end_logging("failed")
             raise
+        except torch.cuda.OutOfMemoryError:  # memory.probe passed, yet memory ran out
+            error = memory.message(self, f"epoch {self.epoch + 1}")
+            self.write_status("failed", error=error)
+            raise NormlabError(error) from None
         except Exception as err:
             self.write_status("failed", error=f"{type(err).__name__}: {err}")
             self.end_logging("failed")
