@@ -10,6 +10,47 @@ SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="the device that tests taking the `device` "
+                     "fixture run on: cpu (default), cuda or cuda:K; `pytest -m gpu --device cuda` "
+                     "is the GPU subset (scripts/gpu-check.sh)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: the subset run on CUDA by scripts/gpu-check.sh "
+                            "(pytest -m gpu --device cuda); each takes the `device` fixture")
+    if config.getoption("--device").startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of --device. On CUDA, TF32 is off, so that float32 means float32 in the
+    comparisons (cuDNN's convolutions use TF32 by default)."""
+    name = request.config.getoption("--device")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device {name}: use cpu, cuda or cuda:K") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device {name}, but CUDA is not available here")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return chosen
+
+
+@pytest.fixture
+def exact(device):
+    """The device, with deterministic algorithms for the test (on CUDA, bit-identical results
+    need them), restored afterwards."""
+    from normlab.train.build import set_deterministic
+
+    set_deterministic(device.type == "cuda")
+    yield device
+    set_deterministic(False)
+
+
 @pytest.fixture
 def shared_cifar():
     if not (SHARED_CIFAR / "cifar-10-batches-py" / "test_batch").exists():

@@ -33,19 +33,20 @@ def seeds(cfg, n=3):
     return [dataclasses.replace(cfg, seed=s) for s in range(n)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("norm,virtual_gpus", [("bn", 1), ("bn", 2), ("gn:4", 1), ("frn", 1),
                                                ("evonorm-b0", 2), ("bn+ws", 1)])
-def test_fused_steps_equal_the_runs_trained_alone(norm, virtual_gpus):
+def test_fused_steps_equal_the_runs_trained_alone(norm, virtual_gpus, device):
     """24 SGD steps of 3 fused runs against the same 3 runs alone, fp32: each run's losses,
     weights and running statistics agree to float noise."""
     cfg = RunConfig(model="resnet8", norm=norm, batch_size=4, virtual_gpus=virtual_gpus, epochs=2).normalized()
-    opts = RuntimeOptions(progress=False, threads=1, amp=False)
+    opts = RuntimeOptions(progress=False, threads=1, amp=False, device=str(device))
     fused = Trainer(seeds(cfg), ["unused"] * 3, opts)
     alone = [Trainer([c], ["unused"], opts) for c in seeds(cfg)]
     assert fused.network.runs == 3 and all(t.network.runs == 1 for t in alone)
     for trainer in (fused, *alone):
         trainer.model.train()
-    orders = [torch.randperm(4000, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    orders = [torch.randperm(4000, generator=torch.Generator().manual_seed(s)).to(device) for s in range(3)]
     n, worst = cfg.images_per_step, 0.0
     for step in range(24):
         index = [o[step * n:(step + 1) * n] for o in orders]
@@ -61,7 +62,7 @@ def test_fused_steps_equal_the_runs_trained_alone(norm, virtual_gpus):
           f"(relative)")
     assert worst < 1e-5 and weights < 1e-5
     # and each run's evaluation
-    x = torch.randn(6, 3, 32, 32)
+    x = torch.randn(6, 3, 32, 32, device=device)
     fused.model.eval()
     with torch.no_grad():
         outs = fused.network.split(fused.model(fused.network.repeat(x)))
@@ -98,9 +99,10 @@ def test_runs_that_differ_in_more_than_the_seed_are_not_an_array():
 
 
 @pytest.fixture
-def array_setup(cifar_fixture):
+def array_setup(cifar_fixture, device):
     cfg = RunConfig(model="resnet8", norm="bn", batch_size=10, epochs=3, data="cifar10").normalized()
-    return seeds(cfg), RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1)
+    return seeds(cfg), RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1, device=str(device),
+                                      deterministic=device.type == "cuda")
 
 
 def stop_after_epoch(n):
@@ -110,6 +112,7 @@ def stop_after_epoch(n):
     return on_epoch
 
 
+@pytest.mark.gpu
 def test_an_array_writes_each_run_directory_and_resumes_alone_or_together(array_setup, tmp_path):
     cfgs, opts = array_setup
     whole = train_array(cfgs, [tmp_path / "whole" / c.run_id() for c in cfgs], opts)
@@ -173,6 +176,7 @@ def test_a_diverging_run_leaves_the_array_and_the_others_go_on(array_setup, tmp_
     assert rundir.read_json(dirs[0] / rundir.CONFIG)["execution"]["array"]["runs"] == 2  # after the epoch
 
 
+@pytest.mark.gpu
 def test_a_kill_between_the_runs_checkpoints_is_recovered_exactly(array_setup, tmp_path, monkeypatch):
     """An array killed after some of its runs' new checkpoints are written: the rerun takes
     those runs back to the previous checkpoint and ends with the uninterrupted array's metrics."""

@@ -39,15 +39,16 @@ def test_fast_path_computes_the_same_loss_as_the_plain_one(norm):
                                F.cross_entropy(fast32(x.float()), y), rtol=1e-4, atol=1e-4)
 
 
-def test_virtual_gpu_bn_equals_chunks_through_plain_bn():
+@pytest.mark.gpu
+def test_virtual_gpu_bn_equals_chunks_through_plain_bn(device):
     torch.manual_seed(0)
-    model = cifar_resnet("resnet8", "bn").double()
-    plain = cifar_resnet("resnet8", "bn").double()
+    model = cifar_resnet("resnet8", "bn").double().to(device)
+    plain = cifar_resnet("resnet8", "bn").double().to(device)
     plain.load_state_dict(model.state_dict())
     for m in model.modules():
         if isinstance(m, GhostBatchNorm2d):
             m.chunk_size = 2
-    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64, device=device)
     torch.testing.assert_close(model(x), torch.cat([plain(c) for c in x.split(2)]))
 
 

@@ -54,9 +54,11 @@ def test_short_run_loss_falls_and_files_are_written(tmp_path):
     assert config["config"]["seed"] == 0
 
 
-def test_same_seed_same_metrics(cifar_fixture, tmp_path):
+@pytest.mark.gpu
+def test_same_seed_same_metrics(cifar_fixture, tmp_path, device):
     cfg = RunConfig(model="resnet8", norm="bn", batch_size=10, epochs=2, data="cifar10", val_split=20)
-    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1)
+    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1, device=str(device),
+                          deterministic=device.type == "cuda")
     train(cfg, tmp_path / "a", opts)
     train(cfg, tmp_path / "b", opts)
     a = rundir.read_metrics(tmp_path / "a" / rundir.METRICS)

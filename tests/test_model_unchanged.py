@@ -132,11 +132,11 @@ def old_cifar_resnet(depth, norm="bn", num_classes=10, shortcut="A", zero_init_r
 
 
 # -- the comparison ----------------------------------------------------------------------------
-def train_side_by_side(norm, depth=8, shortcut="A", chunk=None, channels_last=False, steps=3):
+def train_side_by_side(norm, depth=8, shortcut="A", chunk=None, channels_last=False, steps=3, device="cpu"):
     torch.manual_seed(0)
-    old = old_cifar_resnet(depth, norm, shortcut=shortcut)
+    old = old_cifar_resnet(depth, norm, shortcut=shortcut).to(device)
     torch.manual_seed(0)
-    new = cifar_resnet(depth, norm, shortcut=shortcut)
+    new = cifar_resnet(depth, norm, shortcut=shortcut).to(device)
     assert list(old.state_dict()) == list(new.state_dict())  # checkpoints of 0.1 still load
     for name, value in old.state_dict().items():
         assert torch.equal(value, new.state_dict()[name]), name
@@ -149,8 +149,8 @@ def train_side_by_side(norm, depth=8, shortcut="A", chunk=None, channels_last=Fa
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in models]
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(8, 3, 32, 32, generator=data).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (8,), generator=data)
+        x = torch.randn(8, 3, 32, 32, generator=data).to(device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (8,), generator=data).to(device)
         losses = []
         for model, optimizer in zip(models, optimizers):
             model.train()
@@ -162,25 +162,29 @@ def train_side_by_side(norm, depth=8, shortcut="A", chunk=None, channels_last=Fa
         assert torch.equal(losses[0], losses[1]), (norm, losses)
     for name, value in old.state_dict().items():
         assert torch.equal(value, new.state_dict()[name]), name
-    x = torch.randn(16, 3, 32, 32, generator=data).contiguous(memory_format=fmt)
+    x = torch.randn(16, 3, 32, 32, generator=data).to(device).contiguous(memory_format=fmt)
     with torch.no_grad():
         assert torch.equal(old.eval()(x), new.eval()(x))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("norm", ["bn", "gn:4", "ln", "in"])
-def test_same_training_steps_and_outputs_as_the_model_of_0_1(norm):
-    train_side_by_side(norm)
+def test_same_training_steps_and_outputs_as_the_model_of_0_1(norm, exact):
+    train_side_by_side(norm, device=exact)
 
 
-def test_same_with_virtual_gpus_channels_last_option_b_and_resnet20():
-    train_side_by_side("bn", chunk=2, channels_last=True)
-    train_side_by_side("gn:4", depth=20, shortcut="B", steps=2)
+@pytest.mark.gpu
+def test_same_with_virtual_gpus_channels_last_option_b_and_resnet20(exact):
+    train_side_by_side("bn", chunk=2, channels_last=True, device=exact)
+    train_side_by_side("gn:4", depth=20, shortcut="B", steps=2, device=exact)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("norm", ["bn", "gn:4"])
-def test_a_whole_run_gives_the_same_metrics(norm, cifar_fixture, tmp_path, monkeypatch):
+def test_a_whole_run_gives_the_same_metrics(norm, cifar_fixture, tmp_path, monkeypatch, device):
     cfg = RunConfig(model="resnet8", norm=norm, batch_size=10, epochs=2, data="cifar10")
-    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1)
+    opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, threads=1, device=str(device),
+                          deterministic=device.type == "cuda")
     train.train(cfg, tmp_path / "new", opts)
     monkeypatch.setattr(build, "cifar_resnet", old_cifar_resnet)
     train.train(cfg, tmp_path / "old", opts)

@@ -86,15 +86,16 @@ def test_bn_train_and_eval_modes():
     torch.testing.assert_close(bn(x), expected)
 
 
-def test_ghost_bn_equals_each_chunk_alone():
+@pytest.mark.gpu
+def test_ghost_bn_equals_each_chunk_alone(device):
     torch.manual_seed(0)
-    ghost = GhostBatchNorm2d(8).double()
-    plain = nn.BatchNorm2d(8).double()
+    ghost = GhostBatchNorm2d(8).double().to(device)
+    plain = nn.BatchNorm2d(8).double().to(device)
     nn.init.normal_(ghost.weight)
     nn.init.normal_(ghost.bias)
     plain.load_state_dict(ghost.state_dict())
     ghost.chunk_size = 2
-    x = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(8, 8, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     out = ghost(x)
     chunks = [plain(c) for c in x.split(2)]
     torch.testing.assert_close(out, torch.cat(chunks))

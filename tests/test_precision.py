@@ -36,19 +36,21 @@ def test_precision_is_recorded_and_never_part_of_the_run_id(tmp_path):
     assert auto.describe(auto.members[0])["run_id"] == cfg.run_id()
 
 
-def bf16_step(norm):
+def bf16_step(norm, device):
     cfg = RunConfig(model="resnet8", norm=norm, batch_size=16, epochs=1)
-    run = Trainer([cfg], ["unused"], RuntimeOptions(progress=False))
-    assert run.amp, "auto must choose bf16 on this CPU"
+    run = Trainer([cfg], ["unused"], RuntimeOptions(progress=False, device=str(device)))
+    assert run.amp, "auto must choose bf16 on CUDA and on this CPU"
     run.model.train()
-    (loss,), (wrong,) = run.train_step([torch.arange(16)], cfg.lr)
+    (loss,), (wrong,) = run.train_step([torch.arange(16, device=device)], cfg.lr)
     return run, loss
 
 
-@pytest.mark.skipif(not NATIVE, reason=f"bf16 path needs native bf16: {WHY}")
+@pytest.mark.gpu
 @pytest.mark.parametrize("norm", ["bn", "gn:4"])
-def test_bf16_path_keeps_parameters_statistics_and_loss_in_fp32(norm):
-    run, loss = bf16_step(norm)
+def test_bf16_path_keeps_parameters_statistics_and_loss_in_fp32(norm, device):
+    if device.type == "cpu" and not NATIVE:
+        pytest.skip(f"bf16 path needs native bf16: {WHY}")
+    run, loss = bf16_step(norm, device)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
     bns = [m for m in run.model.modules() if isinstance(m, GhostBatchNorm2d)]
@@ -58,7 +60,7 @@ def test_bf16_path_keeps_parameters_statistics_and_loss_in_fp32(norm):
     assert bool(bns) == (norm == "bn")
     # the computation really is bf16: the first conv's output under the run's autocast
     with run.autocast():
-        assert run.model.conv1(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+        assert run.model.conv1(torch.randn(2, 3, 32, 32, device=device)).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(NATIVE, reason="this CPU has native bf16; the fp32 default is tested elsewhere")

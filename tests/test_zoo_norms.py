@@ -277,20 +277,21 @@ def test_chunked_statistics_equal_each_chunk_alone_and_averaged_buffers(spec):
     assert isinstance(ghost, (GhostBatchNorm2d, BatchRenorm2d, EvoNormB0))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["brn", "evonorm-b0"])
-def test_virtual_gpus_equal_chunks_through_the_whole_model(spec):
+def test_virtual_gpus_equal_chunks_through_the_whole_model(spec, device):
     torch.manual_seed(0)
-    model = cifar_resnet("resnet8", spec, zero_init_residual=False).double()
+    model = cifar_resnet("resnet8", spec, zero_init_residual=False).double().to(device)
     for layer in model.modules():
         if isinstance(layer, BatchRenorm2d):
             layer.running_std.uniform_(0.5, 2.0)
-    plain = cifar_resnet("resnet8", spec, zero_init_residual=False).double()
+    plain = cifar_resnet("resnet8", spec, zero_init_residual=False).double().to(device)
     plain.load_state_dict(model.state_dict())
     for layer in [*model.modules(), *plain.modules()]:
         if isinstance(layer, BatchRenorm2d):
             layer.set_limits(2.0, 1.0)
     set_chunk_size(model, 2)
-    x = torch.randn(6, 3, 32, 32, dtype=D)
+    x = torch.randn(6, 3, 32, 32, dtype=D, device=device)
     # each device starts from the same running statistics (Batch Renorm's forward reads them)
     torch.testing.assert_close(model(x), torch.cat([copy.deepcopy(plain)(c) for c in x.split(2)]))
 
@@ -348,12 +349,13 @@ def test_precise_statistics_pool_the_chunks_and_are_restored_after(spec):
     assert model.training
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["brn", "frn:learned-eps", "evonorm-s0:8", "evonorm-b0", "gn:16+ws"])
-def test_new_norms_run_under_bf16_autocast(spec):
-    model = cifar_resnet(8, spec)
+def test_new_norms_run_under_bf16_autocast(spec, device):
+    model = cifar_resnet(8, spec).to(device)
     set_chunk_size(model, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(4, 3, 32, 32))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32, device=device))
     out.float().sum().backward()
     assert torch.isfinite(out.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
