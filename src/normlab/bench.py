@@ -34,9 +34,11 @@ def sync(device: torch.device) -> None:
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def peak_matmul_flops(device: torch.device, seconds: float = 1.0, n: int = 2048,
+def peak_matmul_flops(device: torch.device, seconds: float = 1.0, n: int | None = None,
                       dtype: torch.dtype = torch.float32) -> float:
-    """Measured matmul FLOP/s in `dtype`: the practical compute limit of this device in it."""
+    """Measured matmul FLOP/s in `dtype`: the practical compute limit of this device in it.
+    n: 8192 on CUDA (smaller products leave a large GPU partly idle), 2048 elsewhere."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -304,3 +306,60 @@ def bench_fused(cfg: RunConfig, opts: RuntimeOptions, runs: int, steps: int, war
             "fused_images_per_s": fused_rate, "separate_images_per_s": separate_rate,
             "fused_images_per_s_all": fused_rates, "separate_images_per_s_all": separate_rates,
             "speedup": fused_rate / separate_rate}
+
+
+def compare_fast_paths(cfg: RunConfig, opts: RuntimeOptions, paths: tuple[str, ...], steps: int, warmup: int,
+                       repeats: int, check_steps: int = 20) -> dict:
+    """--fast-path: each of `paths` against the eager step ('off') in one process. First every
+    path trains `check_steps` steps from the same initial model on the same images and learning
+    rates, and its losses and weights are compared with eager's, beside a second eager run's
+    (the floor of float noise on this device); then each is timed, alternating, as bench_config
+    times normlab's step. Precision: the run's default (opts.amp), the same for all."""
+    device = resolve_device(opts.device)
+    opts = dataclasses.replace(opts, progress=False)
+    names = ("off", "off (again)", *paths)
+    trainers = {name: Trainer([cfg], ["unused"], dataclasses.replace(opts, fast_path=name.split()[0]))
+                for name in names}
+    per_step, n_train = cfg.images_per_step, len(trainers["off"].data.train)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(0)).to(device)
+    losses = {name: [] for name in names}
+    setup = {}
+    for name, trainer in trainers.items():
+        trainer.model.train()
+        start = time.perf_counter()
+        for step in range(check_steps):
+            index = order[(step * per_step) % (n_train - per_step):][:per_step]
+            (loss,), _ = trainer.train_step([index], cfg.lr * (1 - step / (2 * check_steps)))
+            losses[name].append(loss.item())
+        setup[name] = time.perf_counter() - start
+    eager = trainers["off"].model.state_dict()
+
+    def gaps(name: str) -> dict:
+        state = trainers[name].model.state_dict()
+        weights = max(((state[k].float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1)).item()
+                      for k, v in eager.items() if v.is_floating_point())
+        loss = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[name], losses["off"]))
+        return {"max_relative_loss_gap": loss, "max_relative_weight_gap": weights}
+    compared = {name: gaps(name) for name in names[1:]}  # before timing trains them on
+
+    cursor = [0]
+
+    def step_of(trainer):
+        def step():
+            start = cursor[0] % (n_train - per_step)
+            cursor[0] += per_step
+            trainer.train_step([torch.arange(start, start + per_step, device=device)], cfg.lr)
+        return step
+    rates = {name: [] for name in ("off", *paths)}
+    for _ in range(repeats):  # alternate, so that drift in machine speed hits all alike
+        for name in rates:
+            rates[name].append(steps * per_step / time_steps(step_of(trainers[name]), steps, warmup, device))
+    eager_rate = statistics.median(rates["off"])
+    return {"model": cfg.model, "norm": cfg.norm, "batch_size": cfg.batch_size, "virtual_gpus": cfg.virtual_gpus,
+            "images_per_step": per_step, "precision": "bf16" if trainers["off"].amp else "fp32",
+            "device": trainers["off"].describe(trainers["off"].members[0])["device"], "check_steps": check_steps,
+            "noise_floor": compared["off (again)"],
+            "paths": {name: {"images_per_s": statistics.median(rates[name]), "images_per_s_all": rates[name],
+                             "speedup": statistics.median(rates[name]) / eager_rate,
+                             "first_steps_seconds": setup[name], **compared.get(name, {})}
+                      for name in rates}}

@@ -40,6 +40,8 @@ def cmd_bench(args) -> int:
     # where the device computes bf16 natively (elsewhere bf16 is emulated, very slow, never chosen)
     native = choose_amp(device, None)[0]
     precisions = ("bf16",) if opts.amp else ("fp32",) if opts.amp is False or not native else ("fp32", "bf16")
+    if opts.fast_path != "off":  # the captured step keeps the precision it was built with
+        precisions = ("bf16",) if choose_amp(device, opts.amp)[0] else ("fp32",)
     progress("measuring the matmul peak")
     peaks = {p: peak_matmul_flops(device, dtype=PRECISIONS[p]) for p in precisions}
     progress.done()
