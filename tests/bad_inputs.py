@@ -148,6 +148,20 @@ CASES: list[Case | Elsewhere] = [
     Case("device-unknown", "an unknown device", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     Case("device-cuda-missing", "--device cuda without CUDA (or cuda:7 on a one-GPU machine)",
          TRAIN + ["--device", "cuda:7"], "use --device"),
+    # -- GPU ----------------------------------------------------------------------------------------
+    Case("device-cuda-unavailable", "--device cuda on a machine without CUDA", TRAIN + ["--device", "cuda"],
+         "CUDA is not available; use --device cpu", area="GPU"),
+    Elsewhere("device-index-beyond-gpus", "--device cuda:7 on a one-GPU machine",
+              "this machine has 1 GPU(s), cuda:0 to cuda:0; use one of those",
+              "tests/test_gpu.py::test_a_gpu_index_beyond_the_machines_is_refused", area="GPU"),
+    Elsewhere("gpu-out-of-memory", "a step (or an evaluation batch) too large for the GPU's memory, found by one "
+              "trial step before any run directory exists (scripts/gpu-check.sh tries it on a GPU)",
+              "out of GPU memory on cuda:K (its size) in one training step: MODEL at K x N images per step does not "
+              "fit; lower --batch-size or --virtual-gpus",
+              "tests/test_gpu.py::test_out_of_memory_is_refused_in_one_line_and_leaves_the_model_as_it_was", area="GPU"),
+    Case("fast-path-off-cuda", "--fast-path graph on the CPU", TRAIN + ["--device", "cpu", "--fast-path", "graph"],
+         "--fast-path graph needs a CUDA device", area="GPU"),
+    Case("fast-path-unknown", "an unknown fast path", TRAIN + ["--fast-path", "warp"], "invalid choice", area="GPU"),
     Case("out-under-a-file", "an output directory under a plain file", ["train", "--epochs", "1", "--out", "{file}/runs"],
          "choose a writable --out", area="files"),
     # -- data ----------------------------------------------------------------------------------
