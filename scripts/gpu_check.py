@@ -35,8 +35,8 @@ import gpu_summary  # noqa: E402
 from gpu_phases import PHASE_FUNCTIONS, WORKERS, last_line  # noqa: E402
 
 PHASES = ("environment", "bad-input", "tests", "precision", "resume", "bench", "fast-path", "study")
-SHARES = {"environment": 3, "bad-input": 4, "tests": 20, "precision": 8, "resume": 10, "bench": 22,
-          "fast-path": 15, "study": 18}  # of --minutes, in percent; unused time flows on
+SHARES = {"environment": 3, "bad-input": 4, "tests": 18, "precision": 8, "resume": 10, "bench": 20,
+          "fast-path": 14, "study": 23}  # of --minutes, in percent; unused time flows on
 FULL = {  # the GPU form; --small replaces it with SMALL
     "train_model": "resnet20", "precision_epochs": 6, "resume_epochs": 3, "resume_batch": 32,
     "tests_k": None,

@@ -184,9 +184,10 @@ def section(name: str, r: dict) -> str:
             for path, v in x.get("paths", {}).items():
                 rows.append([x["model"], x["norm"], f"{x['virtual_gpus']}x{x['batch_size']}", path, fmt(v["images_per_s"], 0),
                              fmt(v["speedup"], 2) + "x", fmt(v.get("max_relative_weight_gap"), 6),
-                             fmt(x["noise_floor"]["max_relative_weight_gap"], 6), v.get("equal_within_noise", "")])
-            if x.get("error"):
-                rows.append([x["model"], x["norm"], f"{x['virtual_gpus']}x{x['batch_size']}", "error", x["error"], "", "", "", ""])
+                             fmt(x.get("noise_floor", {}).get("max_relative_weight_gap"), 6), v.get("equal_within_noise", "")])
+            for path, error in x.get("errors", {}).items():
+                rows.append([x["model"], x["norm"], f"{x['virtual_gpus']}x{x['batch_size']}", path, "failed: " + error.replace("|", "/"),
+                             "", "", "", ""])
         return ("## Fast paths (against the eager step, same process)\n\n"
                 + table(["model", "norm", "K x N", "path", "img/s", "speed-up", "weight gap", "eager-eager gap", "equal"], rows))
     if name == "study":
