@@ -2,7 +2,7 @@
 # normlab on a GPU in one command: install normlab into this machine's python3 without a package
 # registry, then run scripts/gpu_check.py (its --help and benchmarks/gpu/README.md say what it
 # does and writes). Arguments go to gpu_check.py, e.g.:
-#   scripts/gpu-check.sh                           # CUDA, about 8 minutes, results in $OUT or ./gpu-check-out
+#   scripts/gpu-check.sh                           # CUDA, 8 minutes (--minutes), results in $OUT or ./gpu-check-out
 #   scripts/gpu-check.sh --device cpu --small      # the small form on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."

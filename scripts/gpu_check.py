@@ -3,7 +3,7 @@ kill -9 and resume) and fast (bench against the reference pipeline, fused run ar
 whole-step fast paths), with a real-data study and its report. scripts/gpu-check.sh installs
 normlab and runs this; benchmarks/gpu/README.md says how to call it and what it writes.
 
-    python scripts/gpu_check.py                         # CUDA, about 8 minutes, into $OUT or ./gpu-check-out
+    python scripts/gpu_check.py                         # CUDA, 8 minutes (--minutes), into $OUT or ./gpu-check-out
     python scripts/gpu_check.py --device cpu --small    # the same steps, small, on a CPU (a few minutes)
 
 Phases, in order (--only picks some): environment, bad-input, tests, precision, resume, bench,
@@ -152,7 +152,7 @@ class Check:
     def timeout(self, budget: float) -> float:
         """A command's limit: against hangs, not a target (the budget sizes the work); never
         past the deadline, so that the summary is written before an outer limit strikes."""
-        floor = 60 if self.cuda else 300
+        floor = 90 if self.cuda else 300
         return max(min(max(1.5 * budget, floor), self.remaining() + 15), 10)
 
     # -- phases ------------------------------------------------------------------------------
