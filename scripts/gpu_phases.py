@@ -153,7 +153,7 @@ def phase_tests(c, budget):
     for _, outcome in outcomes:
         counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
     return {"status": "ok" if r["code"] == 0 else "failed", "command": r["command"], "exit": r["code"],
-            "timed_out": r["timed_out"], "counts": counts, "summary": last_line(r["stdout"]),
+            "timed_out": r["timed_out"], "counts": counts, "summary": last_line(r["stdout"]).strip("= "),
             "failed": [t for t, o in outcomes if o in ("FAILED", "ERROR")],
             "skipped": re.findall(r"^SKIPPED \[\d+\] (.+)$", text, re.M)[:20],
             "error": None if r["code"] == 0 else ("timed out" if r["timed_out"] else

@@ -87,6 +87,10 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fmt(x, digits: int = 1) -> str:
     if x is None:
         return "-"
@@ -147,14 +151,14 @@ def section(name: str, r: dict) -> str:
         rows = [[i + 1, *[fmt(curves[k][i], 2) if i < len(curves[k]) else "-" for k in names]]
                 for i in range(max(len(v) for v in curves.values()))]
         gaps = r["max_test_error_gap"]
-        return (f"## bf16 against fp32 ({r['model']}, BN, batch 32, {r['epochs']} epochs)\n\n"
+        return (f"## bf16 against fp32 ({r['model']}, BN, batch 32, {plural(r['epochs'], 'epoch')})\n\n"
                 + table(["epoch", *[f"test error, {k} (%)" for k in names]], rows)
                 + f"\nLargest test-error gap over the epochs: bf16 vs fp32 {fmt(gaps['bf16 vs fp32'], 2)} points, "
                   f"fp32 seed 0 vs seed 1 {fmt(gaps['fp32 seed 0 vs seed 1'], 2)} points.\n")
     if name == "resume" and "deterministic_cost" in r:
         rows = [[k.replace("_", " "), v.get("killed"), v.get("identical"), fmt(v.get("max_abs_gap"), 3), v.get("error") or ""]
                 for k, v in (("without_deterministic", r["without_deterministic"]), ("with_deterministic", r["with_deterministic"]))]
-        return (f"## kill -9, then the same command ({r['model']}, {r['epochs']} epochs)\n\n"
+        return (f"## kill -9, then the same command ({r['model']}, {plural(r['epochs'], 'epoch')})\n\n"
                 + table(["run", "killed mid-run", "metrics identical", "largest gap", "error"], rows)
                 + f"\n--deterministic costs {fmt(r['deterministic_cost'], 2)}x in training speed "
                   f"({fmt(r['images_per_s']['default'], 0)} against {fmt(r['images_per_s']['deterministic'], 0)} images/s).\n")
@@ -193,7 +197,7 @@ def section(name: str, r: dict) -> str:
     if name == "study":
         rows = [[x["norm"], f"{x['virtual_gpus']}x{x['batch_size']}", x["state"], x["epochs_done"], x["final_test_error"]]
                 for x in r.get("runs", [])]
-        return (f"## Real-data study ({r.get('epochs')} epochs; report in {r.get('archive')})\n\n`{r.get('command', '')}`\n\n"
+        return (f"## Real-data study ({plural(r.get('epochs', 0), 'epoch')}; report in {r.get('archive')})\n\n`{r.get('command', '')}`\n\n"
                 + table(["norm", "K x N", "state", "epochs", "final test error (%)"], rows))
     return ""
 

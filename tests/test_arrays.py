@@ -176,7 +176,6 @@ def test_a_diverging_run_leaves_the_array_and_the_others_go_on(array_setup, tmp_
     assert rundir.read_json(dirs[0] / rundir.CONFIG)["execution"]["array"]["runs"] == 2  # after the epoch
 
 
-@pytest.mark.gpu
 def test_a_kill_between_the_runs_checkpoints_is_recovered_exactly(array_setup, tmp_path, monkeypatch):
     """An array killed after some of its runs' new checkpoints are written: the rerun takes
     those runs back to the previous checkpoint and ends with the uninterrupted array's metrics."""
