@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from normlab import loggers, rundir
+from normlab.loggers.base import figure_name
 from normlab.config import RunConfig
 
 from conftest import write_cifar_fixture
@@ -193,8 +194,8 @@ def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
     normlab(*args)  # finished: nothing trains, the report is written and logged again
     run_ids = sorted(p.parent.name for p in out.glob(f"*/{rundir.METRICS}"))
     assert len(run_ids) == 2 and rundir.read_json(out / run_ids[0] / rundir.CONFIG)["execution"]["array"]["runs"] == 2
-    figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
-    assert figures
+    figures = sorted(figure_name(p) for p in (out / "figures").rglob("*.png"))
+    assert figures and all(f.startswith("figures/tiny/") for f in figures)
     for tool in tools:
         losses = []
         for run_id in run_ids:
@@ -207,8 +208,8 @@ def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
 
         report = EventAccumulator(str(out / "tensorboard" / "report"), size_guidance={"images": 0})
         report.Reload()
-        assert sorted(report.Tags()["images"]) == [f"figures/{f}" for f in figures]
-        assert all(len(report.Images(f"figures/{f}")) == 1 for f in figures)  # replaced, not added
+        assert sorted(report.Tags()["images"]) == figures
+        assert all(len(report.Images(f)) == 1 for f in figures)  # replaced, not added
     if "mlflow" in tools:
         client, runs = mlflow_runs(out)
         assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {"normlab-tiny"}
@@ -217,15 +218,17 @@ def test_reproduce_groups_a_study_and_logs_its_report(tmp_path):
         assert {by_name[r].data.tags["normlab.studies"] for r in run_ids} == {"norms"}
         assert len({by_name[r].data.tags["normlab.group"] for r in run_ids}) == 1  # the seeds' group
         assert {by_name[r].data.tags["normlab.seed"] for r in run_ids} == {"0", "1"}
-        stored = [a.path for a in client.list_artifacts(by_name["report"].info.run_id, "figures")]
-        assert sorted(stored) == sorted([f"figures/{f}.png" for f in figures] + ["figures/report.md"])
+        def listed(path):
+            for a in client.list_artifacts(by_name["report"].info.run_id, path):
+                yield from listed(a.path) if a.is_dir else [a.path]
+        assert sorted(listed("figures")) == sorted([f"{f}.png" for f in figures] + ["figures/report.md"])
     if "wandb" in tools:
         for run_id in run_ids:
             (start,) = {json.dumps(r["run"].get("run_group")) for r in wandb_records(out, run_id) if r["type"] == "run"}
             assert json.loads(start) == run_ids[0].replace("-s0-", "-")[:-6] + json.loads(start)[-6:]
         report = [r["history"]["item"] for r in wandb_records(out, "report") if r["type"] == "history"]
         assert len(report) == 2  # once per report written
-        assert all(any(k.startswith(f"figures/{f}.") for k in report[0]) for f in figures), report[0]
+        assert all(any(k.startswith(f"{f}.") for k in report[0]) for f in figures), report[0]
 
 
 def test_under_torchrun_only_rank_0_logs(tmp_path):

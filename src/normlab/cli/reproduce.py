@@ -66,7 +66,7 @@ def cmd_reproduce(args) -> int:
     print(f"report: {report}")
     if opts.log:  # the report's figures, where the tool takes them
         from ..loggers import log_report
-        log_report(opts.log, out, [report, *sorted((Path(report).parent / "figures").glob("*.png"))])
+        log_report(opts.log, out, [report, *sorted((Path(report).parent / "figures").rglob("*.png"))])
     from ..train import EXIT_INTERRUPTED, STOP
     if "interrupted" in states or STOP.is_set():
         print("normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)

@@ -65,14 +65,25 @@ def run_key(directory: Path) -> str:
     return key
 
 
+def study_records(out: Path) -> list:
+    """The study records of a results directory (none where they cannot be read: tags only)."""
+    from ..errors import NormlabError
+    from ..records import read_records
+
+    try:
+        return read_records(out)
+    except (NormlabError, OSError):
+        return []
+
+
 def run_info(cfg: dict, run_dir: Path, log: LogOptions) -> RunInfo:
     """A run as the tools see it: its id, key, config, tags, and the group of its seeds."""
     from ..config import RunConfig
 
     run = RunConfig.from_dict(cfg)
     run_id = run.run_id()
-    study = rundir.read_json(Path(run_dir).parent / "study.json") or {}
-    studies = [name for name, ids in (study.get("studies") or {}).items() if run_id in ids]
+    studies = [part for record in study_records(Path(run_dir).parent)
+               for part, ids in record.studies.items() if run_id in ids]
     tags = {"model": run.model, "norm": run.norm, "batch_size": str(run.batch_size),
             "virtual_gpus": str(run.virtual_gpus), "seed": str(run.seed), "data": run.data,
             **({"studies": ",".join(studies)} if studies else {})}

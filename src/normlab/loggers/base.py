@@ -94,3 +94,8 @@ def flat(config: dict) -> dict:
 def numbers(row: dict) -> dict[str, float]:
     """A metrics row's values, without the epoch (the x axis)."""
     return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}
+
+
+def figure_name(path: Path) -> str:
+    """A report figure's name in a tool: figures/<study>/<name> (or figures/<name>)."""
+    return f"figures/{path.stem}" if path.parent.name == "figures" else f"figures/{path.parent.name}/{path.stem}"

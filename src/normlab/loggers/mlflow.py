@@ -18,7 +18,7 @@ import logging
 import os
 import time
 
-from .base import Logger, flat, numbers
+from .base import Logger, figure_name, flat, numbers
 
 STATUS = {"done": "FINISHED", "diverged": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 
@@ -121,7 +121,8 @@ class MlflowLogger(Logger):
 
     def artifacts(self, paths):
         for path in paths:
-            self.client.log_artifact(self.run_id, str(path), artifact_path="figures")
+            folder = figure_name(path).rsplit("/", 1)[0] if path.suffix == ".png" else "figures"
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def close(self, state):
         self.wait()

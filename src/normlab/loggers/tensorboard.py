@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import FINAL, Logger, flat, numbers
+from .base import FINAL, Logger, figure_name, flat, numbers
 
 
 class TensorBoardLogger(Logger):
@@ -69,7 +69,7 @@ class TensorBoardLogger(Logger):
         step = max(1, self.last_epoch)
         for path in paths:  # TensorBoard takes images (one tag per figure) and Markdown text
             if path.suffix == ".png":
-                self.epochs.add_image(f"figures/{path.stem}", imread(path), step, dataformats="HWC")
+                self.epochs.add_image(figure_name(path), imread(path), step, dataformats="HWC")
             elif path.suffix == ".md":
                 self.epochs.add_text(path.stem, path.read_text(), step)
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .base import Logger, describe, numbers, warn
+from .base import Logger, describe, figure_name, numbers, warn
 
 OFFLINE = ("offline", "dryrun", "disabled")
 
@@ -105,7 +105,7 @@ class WandbLogger(Logger):
     def artifacts(self, paths):
         import wandb
 
-        images = {f"figures/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
+        images = {figure_name(p): wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
         if images:
             self.run.log(images)
 
