@@ -134,10 +134,10 @@ class RunConfig:
         for name in ("momentum", "weight_decay", "warmup_epochs", "val_split", "seed"):
             if getattr(self, name) < 0:
                 raise NormlabError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        if self.sync_bn and norm.kind != "bn":
+        if self.sync_bn and (norm.kind != "bn" or norm.mode):
+            what = f"is BN's {norm.mode} ablation" if norm.mode else "is not BN" if norm.batch_dependent else "has none"
             raise NormlabError(f"--sync-bn synchronises BN's batch statistics, but norm '{self.norm}' "
-                               f"{'is not BN' if norm.batch_dependent else 'has none'}; drop --sync-bn, "
-                               f"or use bn")
+                               f"{what}; drop --sync-bn, or use bn")
         if self.sync_bn and self.virtual_gpus == 1:
             raise NormlabError("--sync-bn needs several devices (--virtual-gpus K, or K torchrun "
                                "processes): on one device BN already sees all its images; drop --sync-bn")

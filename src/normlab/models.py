@@ -39,7 +39,7 @@ class BasicBlock(nn.Module):
         self.conv1 = make_conv(norm, in_planes, planes, 3, stride, 1)
         self.norm1 = make_norm(norm, planes, act=True, layer=f"{name}.norm1")
         self.conv2 = make_conv(norm, planes, planes, 3, 1, 1)
-        self.norm2 = make_norm(norm, planes, layer=f"{name}.norm2")
+        self.norm2 = make_norm(norm, planes, layer=f"{name}.norm2", branch_end=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             if shortcut == "A":
@@ -82,8 +82,9 @@ class CifarResNet(nn.Module):
 
 def init_weights(model: nn.Module, zero_init_residual: bool = True) -> None:
     """He (fan_out) init for convs, gamma = 1 / beta = 0 for norms (and each norm's own init of
-    its other parameters: EvoNorm's v = 1, TLU's tau = 0), and gamma = 0 in the last norm of
-    every residual block so that each block starts as the identity (GN paper)."""
+    its other parameters: EvoNorm's v = 1, TLU's tau = 0, SkipInit's alpha = 0), and gamma = 0
+    in the last norm of every residual block so that each block starts as the identity (GN
+    paper; with `none`, the zero-initialised last layer that keeps the unnormalized net trainable)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

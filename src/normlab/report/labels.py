@@ -1,7 +1,7 @@
 """How the report names, orders and draws each norm: the one place for families and labels.
 
-A family is what a reader compares (BN, LN, IN, GN, BRN, FRN, EvoNorm-S0/B0, and their +WS
-forms); every GN variant (gn:G, gn:cpg=K) is one family, told apart by label and marker. Names
+A family is what a reader compares (BN, LN, IN, GN, BRN, FRN, EvoNorm-S0/B0, their +WS forms,
+the mean-only and scale-only ablations of BN, LN, IN and GN, no norm and SkipInit); every GN variant (gn:G, gn:cpg=K) is one family, told apart by label and marker. Names
 come from the norm registry (normlab.norms.label); a new norm family gets one entry in FAMILIES
 (colour, marker, line style) here.
 
@@ -34,6 +34,18 @@ FAMILIES = {
     "evonorm-s0": {"color": "#56B4E9", "marker": "<", "linestyle": "-"},
     "evonorm-b0": {"color": "#2D7DAA", "marker": ">", "linestyle": "--"},
     "evonorm-b0+pbn": {"color": "#A9D9F4", "marker": "H", "linestyle": ":"},
+    # ablations take a shade of their norm's colour; mean-only dashed, scale-only dotted
+    "bn-mean-only": {"color": "#303030", "marker": "d", "linestyle": (0, (5, 2))},
+    "bn-scale-only": {"color": "#7A7A7A", "marker": "*", "linestyle": (0, (1, 1))},
+    "ln-mean-only": {"color": "#00507D", "marker": "d", "linestyle": (0, (5, 2))},
+    "ln-scale-only": {"color": "#66AAD1", "marker": "*", "linestyle": (0, (1, 1))},
+    "in-mean-only": {"color": "#006E50", "marker": "d", "linestyle": (0, (5, 2))},
+    "in-scale-only": {"color": "#66C5AB", "marker": "*", "linestyle": (0, (1, 1))},
+    "gn-mean-only": {"color": "#A34700", "marker": "d", "linestyle": (0, (5, 2))},
+    "gn-scale-only": {"color": "#F4B98E", "marker": "*", "linestyle": (0, (1, 1))},
+    # no normalization: the palette's yellow, darkened to read on white
+    "none": {"color": "#C9BC1F", "marker": "8", "linestyle": "-"},
+    "skipinit": {"color": "#8F861A", "marker": "H", "linestyle": "--"},
 }
 OTHER = {"color": "#7F7F7F", "marker": "x", "linestyle": "-"}
 MARKERS = "osD^v<>phHdPX*8"   # every filled marker, for norms of one family in one figure

@@ -42,6 +42,8 @@ def fusable(norm: str) -> str | None:
     spec = parse_norm(norm)
     if spec.learned_eps:
         return "FRN's learned eps is one scalar per layer, which a fused layer cannot hold per run"
+    if spec.skipinit:
+        return "SkipInit's alpha is one scalar per residual branch, which a fused layer cannot hold per run"
     return None
 
 
