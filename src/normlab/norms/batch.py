@@ -23,6 +23,10 @@ class ChunkedStatistics:
 
     Subclasses keep running statistics and implement set_population(mean, var) for PreciseBN:
     `mean` and `var` are the pooled per-channel mean and biased variance of the layer's input.
+    For the probes (probes.py) they say what they normalize by: batch_statistics(x) gives, per
+    chunk and channel [K, C], the centre and the scale (the divisor, eps included) that the
+    training forward takes from a batch x, population_statistics() those that evaluation uses
+    [C]; None for an operation the layer does not do (EvoNorm-B0 and scale-only BN do not centre).
     """
 
     chunk_size: int | None = None
@@ -38,6 +42,17 @@ class ChunkedStatistics:
 
     def set_population(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def population_statistics(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def chunk_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per chunk and channel [K, C]: the mean and sqrt(biased variance + eps)."""
+        var, mean = torch.var_mean(self.chunk_view(x), dim=(1, 3, 4), unbiased=False)
+        return mean, torch.sqrt(var + self.eps)
 
 
 class GhostBatchNorm2d(ChunkedStatistics, nn.BatchNorm2d):
@@ -79,6 +94,12 @@ class GhostBatchNorm2d(ChunkedStatistics, nn.BatchNorm2d):
     def set_population(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         self.running_mean.copy_(mean)
         self.running_var.copy_(var)
+
+    def batch_statistics(self, x: torch.Tensor):
+        return self.chunk_moments(x)
+
+    def population_statistics(self):
+        return self.running_mean, torch.sqrt(self.running_var + self.eps)
 
 
 # -- Batch Renormalization ---------------------------------------------------------------------
@@ -201,3 +222,9 @@ class BatchRenorm2d(ChunkedStatistics, nn.Module):
     def set_population(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         self.running_mean.copy_(mean)
         self.running_std.copy_(torch.sqrt(var + self.eps))
+
+    def batch_statistics(self, x: torch.Tensor):
+        return self.chunk_moments(x)  # mu_B and sigma_B, before r and d pull them to the population
+
+    def population_statistics(self):
+        return self.running_mean, self.running_std

@@ -200,3 +200,9 @@ class EvoNormB0(ChunkedStatistics, EvoNormAffine):
 
     def set_population(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         self.running_var.copy_(var)
+
+    def batch_statistics(self, x: torch.Tensor):
+        return None, self.chunk_moments(x)[1]   # the batch half of B0's divisor, sqrt(var_B + eps)
+
+    def population_statistics(self):
+        return None, torch.sqrt(self.running_var + self.eps)
