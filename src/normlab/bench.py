@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import probes
 from .config import RunConfig, RuntimeOptions
+from .data import SIZES
 from .train import Trainer, resolve_device
 from .models import cifar_resnet
 from .norms import GhostBatchNorm2d, ReferenceGroupNorm, group_norm_reference, make_conv, make_norm, parse_norm
@@ -363,3 +365,51 @@ def compare_fast_paths(cfg: RunConfig, opts: RuntimeOptions, paths: tuple[str, .
                              "speedup": statistics.median(rates[name]) / eager_rate,
                              "first_steps_seconds": setup[name], **compared.get(name, {})}
                       for name in rates}}
+
+
+def bench_probes(cfg: RunConfig, opts: RuntimeOptions, steps: int, warmup: int, repeats: int) -> dict:
+    """The probes' cost against training, timed alternately in one process: `steps` training
+    steps, a probe pass (probes.take at an epoch before the last) and a final one (at the last
+    epoch, which adds the test errors over the test set). For a run of cfg.epochs epochs on a
+    data set of T training and V test images, the probes cost (epochs + 1) probe passes and one
+    test-error pass over V images, against epochs x T images of training steps (evaluation not
+    counted, so the share is an upper bound)."""
+    device = resolve_device(opts.device)
+    trainer = Trainer([cfg], ["unused"], dataclasses.replace(opts, progress=False))
+    per_step, n_train = cfg.images_per_step, len(trainer.data.train)
+    cursor = [0]
+
+    def train_step():
+        start = cursor[0] % (n_train - per_step)
+        cursor[0] += per_step
+        trainer.train_step([torch.arange(start, start + per_step, device=device)], cfg.lr)
+
+    def take(final: bool) -> float:
+        start = time.perf_counter()
+        probes.take(trainer.model, trainer.data, trainer.normalize, cfg, epoch=1, final=final,
+                    autocast=trainer.autocast, channels_last=trainer.channels_last)
+        sync(device)
+        return time.perf_counter() - start
+
+    take(True)  # warm-up
+    per_image, probe, final = [], [], []
+    for _ in range(repeats):
+        trainer.model.train()
+        per_image.append(time_steps(train_step, steps, warmup, device) / (steps * per_step))
+        probe.append(take(False))
+        final.append(take(True))
+    per_image, probe = statistics.median(per_image), statistics.median(probe)
+    per_test_image = max(0.0, statistics.median(final) - probe) / len(trainer.data.test)
+    result = {"model": cfg.model, "norm": cfg.norm, "batch_size": cfg.batch_size, "virtual_gpus": cfg.virtual_gpus,
+              "precision": "bf16" if trainer.amp else "fp32", "epochs": cfg.epochs,
+              "probe_images": len(probes.probe_indices(n_train, cfg.seed, cfg.batch_size)),
+              "train_seconds_per_image": per_image, "probe_pass_seconds": probe,
+              "test_errors_seconds_per_test_image": per_test_image, "overhead": {}}
+    for data in ("sample", "cifar10"):
+        train_images, test_images = SIZES[data]
+        epoch = train_images * per_image
+        result["overhead"][data] = {
+            "per_epoch": probe / epoch,
+            "final_epoch": (probe + per_test_image * test_images) / epoch,
+            "run": ((cfg.epochs + 1) * probe + per_test_image * test_images) / (cfg.epochs * epoch)}
+    return result

@@ -249,3 +249,5 @@ class RuntimeOptions:
     log: "LogOptions | None" = None     # --log: live curves in TensorBoard, MLflow, W&B (loggers/)
     deterministic: bool = False   # deterministic algorithms (exact resume on CUDA), at a cost
     fast_path: str = "off"        # off | graph | compile: whole-step CUDA paths (train/fast.py)
+    probes: bool | None = False   # probes.py after every epoch, into probes.csv; None: where they
+                                  # cost at most 5 % of the run's training (probes.by_default)

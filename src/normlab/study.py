@@ -23,7 +23,7 @@ from .data import SIZES
 from .errors import NormlabError
 from .records import write_record
 
-PRESET_KEYS = {"name", "description", "workers", "seeds", "base", "studies"}
+PRESET_KEYS = {"name", "description", "workers", "seeds", "base", "studies", "probes"}
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Study:
     workers: int
     runs: dict[str, RunConfig]           # run id -> config, in a stable order
     membership: dict[str, list[str]]     # study name -> run ids
+    probes: bool | None = None           # the preset's choice; None: where they cost at most 5 % (probes.py)
 
 
 def preset_names() -> list[str]:
@@ -92,6 +93,9 @@ def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | Non
     workers = preset.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise NormlabError(f"{where}: 'workers' must be a positive whole number, got {workers!r}")
+    probes = preset.get("probes")
+    if probes is not None and not isinstance(probes, bool):
+        raise NormlabError(f"{where}: 'probes' must be true or false, got {probes!r}")
     studies = preset.get("studies")
     if not isinstance(studies, dict) or not studies:
         raise NormlabError(f"{where}: 'studies' must map study names to lists of grids")
@@ -121,7 +125,7 @@ def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | Non
                     runs.setdefault(run_id, cfg)
                     if run_id not in ids:
                         ids.append(run_id)
-    return Study(preset.get("name", where), preset.get("description", ""), workers, runs, membership)
+    return Study(preset.get("name", where), preset.get("description", ""), workers, runs, membership, probes)
 
 
 def steps_per_epoch(cfg: RunConfig) -> int:

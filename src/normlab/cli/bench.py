@@ -78,6 +78,8 @@ def cmd_bench(args) -> int:
         if r["ratios"]:
             print(f"{'':<10} measured side by side: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()),
                   flush=True)
+    if opts.probes:
+        bench_probe_costs(args, opts, configs, results)
     report = {"command": "normlab " + " ".join(args.argv), "peak_matmul_flops": peaks.get("fp32"),
               "peak_matmul_flops_by_precision": peaks, "torch": torch.__version__, "results": results}
     if len(results) == 1:
@@ -99,6 +101,25 @@ def cmd_bench(args) -> int:
         atomic_write(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     return 0
+
+
+def bench_probe_costs(args, opts, configs, results) -> None:
+    """--probes: each config's probes timed against its training steps (bench.bench_probes)."""
+    from ..bench import bench_probes
+
+    print("\nprobes against training steps, as a share of an epoch's training steps (a probe pass after "
+          "every epoch and at initialization; the final epoch adds the test errors over the test set):")
+    print(f"{'model':<10} {'norm':<14} {'batch':>7} {'probe pass s':>13} {'sample epoch':>13} {'sample final':>13} "
+          f"{'CIFAR-10 epoch':>15} {'CIFAR-10 final':>15} {f'{configs[0].epochs}-ep. CIFAR-10 run':>22}")
+    for cfg, r in zip(configs, results):
+        p = bench_probes(cfg, opts, args.steps, args.warmup, args.repeats)
+        r["probes"] = p
+        batch = f"{cfg.batch_size}x{cfg.virtual_gpus}" if cfg.virtual_gpus > 1 else str(cfg.batch_size)
+        sample, cifar = p["overhead"]["sample"], p["overhead"]["cifar10"]
+        print(f"{cfg.model:<10} {cfg.norm:<14} {batch:>7} {p['probe_pass_seconds']:13.3f} "
+              f"{100 * sample['per_epoch']:12.1f}% {100 * sample['final_epoch']:12.1f}% "
+              f"{100 * cifar['per_epoch']:14.2f}% {100 * cifar['final_epoch']:14.2f}% {100 * cifar['run']:21.2f}%",
+              flush=True)
 
 
 def bench_arrays(args, opts, device) -> int:

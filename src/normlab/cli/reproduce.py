@@ -41,7 +41,8 @@ def cmd_reproduce(args) -> int:
             print(f"{rid:<40} {cfg.lr:>8.4g} {steps_per_epoch(cfg):>9} {trained:>12,} {evaluated:>10,}")
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
-    opts = runtime_options(args)
+    # probes: --probes / --no-probes, else the preset's choice, else where they cost at most 5 %
+    opts = runtime_options(args, probes=study.probes)
     opts.log = log_options(args, out, study.name)
     backend = make_backend(args.backend, opts, args.workers or (study.workers if args.backend == "local" else None),
                            address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
@@ -116,11 +117,13 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="quick", help="quick (the bundled sample, about 8 min on a 2-core "
                    "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), zoo (every norm GN is compared "
                    "with, ResNet-56 on CIFAR-10, for GPUs), zoo-quick (the same on the bundled sample, "
-                   "about 3 min on a 2-core CPU), or a .yaml file of the same form (default: %(default)s)")
+                   "about 3 min on a 2-core CPU), why (probes and ablations: why a norm helps, ResNet-56 on "
+                   "CIFAR-10, for GPUs), why-quick (the same on the bundled sample), or a .yaml file of the "
+                   "same form (default: %(default)s)")
     p.add_argument("--out", help="results directory; several studies may share one, each keeps its own "
                    "record and report section (default: results/<preset name>, e.g. results/quick)")
     p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies: norms, "
-                   "batch-size, groups (of quick and paper), zoo (of zoo and zoo-quick)")
+                   "batch-size, groups (of quick and paper), zoo (of zoo and zoo-quick), inside (of why and why-quick)")
     p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
     p.add_argument("--fuse", type=fuse_option, default="auto", metavar="auto|off|R",
                    help="train the seeds of a point as one fused array of up to R runs (one network "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__, rundir
+from .. import __version__, probes, rundir
 from ..config import RunConfig, RuntimeOptions
 from ..data import Dataset, Normalizer, apply_augmentation, augment, draw_augmentation, load_dataset
 from ..errors import NormlabError
@@ -105,6 +105,8 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.amp \
             else contextlib.nullcontext
         self.normalize = Normalizer(self.data.mean, self.data.std, self.device)
+        self.probes = opts.probes if opts.probes is not None else probes.by_default(
+            self.cfg.epochs, len(self.data.train), len(self.data.test))
         # Resumable position, shared by the array: epochs finished, steps into the current epoch.
         self.epoch, self.step = 0, 0
         self.epoch_seconds = 0.0
@@ -387,6 +389,16 @@ class Trainer:
         for member in self.members:
             member.loggers.finish(state, member.rows)
 
+    def take_probes(self) -> None:
+        """Each run's probes (probes.py) at the end of an epoch, or at initialization (epoch 0),
+        taken on its lone model; they change nothing in its training."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for r, member in enumerate(self.members):
+            model = self.model if self.runs == 1 else self.network.lone_model(r).to(self.device, memory_format=memory_format)
+            member.probe_rows += probes.take(model, self.data, self.normalize, member.cfg, epoch=self.epoch,
+                                             final=self.epoch == self.cfg.epochs, autocast=self.autocast,
+                                             channels_last=self.channels_last)
+
     def diverged(self) -> list[int]:
         """The runs whose loss became NaN or infinite (the sums are the same on every rank)."""
         return [r for r, m in enumerate(self.members) if not torch.isfinite(m.sums[0])]
@@ -475,6 +487,8 @@ class Trainer:
             member.loggers = Loggers(self.opts.log, member.cfg.to_dict(), member.dir, self.dist.writer)
             member.loggers.start(self.epoch * self.steps + self.step, member.rows)
         self.write_status("running")
+        if self.probes and (self.epoch, self.step) == (0, 0):
+            self.take_probes()  # at initialization
         try:
             while self.members and self.epoch < self.cfg.epochs:
                 self.train_epoch(on_progress)
@@ -489,6 +503,8 @@ class Trainer:
                     member.order = None
                     member.sums.zero_()
                 self.epoch, self.step = self.epoch + 1, 0
+                if self.probes:
+                    self.take_probes()
                 self.epoch_seconds = 0.0
                 self.save_checkpoint()
                 for member, row in zip(self.members, rows):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, rundir
+from .. import checkpoint, probes, rundir
 from ..config import RunConfig
 from ..errors import NormlabError
 from ..loggers import Loggers
@@ -48,6 +48,7 @@ class Member:
         self.order: torch.Tensor | None = None       # this epoch's data order
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, wrong, n
         self.rows: list[dict] = []
+        self.probe_rows: list[dict] = []              # probes.py's rows, kept in the checkpoint
         self.resume_state: dict | None = None         # read by open(), applied by the trainer
         self.lock: rundir.RunLock | None = None
         self.loggers = Loggers(None)                   # --log: opened by the loop when it trains
@@ -110,6 +111,8 @@ class Member:
     def write_metrics(self) -> None:
         if self.writer:
             rundir.write_metrics(self.dir / rundir.METRICS, self.rows)
+            if self.probe_rows:
+                probes.write(self.dir, self.probe_rows)
 
     # -- the checkpoint ------------------------------------------------------------------------
     def state_dict(self, model: dict, optimizer: dict, epoch: int, step: int, seconds: float,
@@ -118,6 +121,7 @@ class Member:
             "model": model, "optimizer": optimizer,
             "epoch": epoch, "step": step, "order": self.order,
             "sums": self.sums.cpu(), "epoch_seconds": seconds, "rows": self.rows,
+            **({"probes": probes.pack(self.probe_rows)} if self.probe_rows else {}),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(), "numpy_rng": checkpoint.numpy_state(),
@@ -129,6 +133,7 @@ class Member:
         self.order = state["order"]
         self.sums = state["sums"].to(self.sums.device)
         self.rows = state["rows"]
+        self.probe_rows = probes.unpack(state.get("probes"))
         self.generator.set_state(state["generator"])
 
 
