@@ -7,7 +7,7 @@ __all__ = ["cifar_resnet", "make_norm", "parse_norm", "group_norm_reference", "l
 
 
 def __getattr__(name):
-    # normlab.load_results(path) -> Results(runs, curves); imported on first use (scipy, csv)
+    # normlab.load_results(path) -> Results(runs, curves, probes); imported on first use (scipy, csv)
     if name == "load_results":
         from .report import load_results
         return load_results

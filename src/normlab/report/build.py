@@ -82,8 +82,9 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
                + "; ".join(f"`{s.name}` ({len(s.runs)} runs{', ' + s.progress() if s.progress() else ''})"
                            for s in studies) + ".", ""]
     md += seeds_notice(list(group_points(runs).values())) + ["", SIGNS, ""]
-    md += [f"Tidy results: `{tidy.RESULTS}` (one row per run) and `{tidy.CURVES}` (one row per run and "
-           f"epoch) beside this file; `normlab.load_results(\"{out}\")` reads them.", ""]
+    md += [f"Tidy results: `{tidy.RESULTS}` (one row per run), `{tidy.CURVES}` (one row per run and "
+           f"epoch) and `{tidy.PROBES}` (one row per run, epoch, layer and probe, for runs trained with "
+           f"probes) beside this file; `normlab.load_results(\"{out}\")` reads them.", ""]
     md += findings.section(found_claims, untested)
     md += body
     path = out / "report.md"

@@ -1,4 +1,4 @@
-"""One section of report.md per study (norms, batch-size, groups, zoo): its figures and tables.
+"""One section of report.md per study (norms, batch-size, groups, zoo, inside): its figures and tables.
 
 SECTIONS maps a study name (as in a preset's `studies`) to its title and section function;
 a study without an entry gets `generic`. A new study adds one function and one entry.
@@ -12,6 +12,7 @@ from ..references import Published
 from ..stats import difference, format_difference
 from . import figures, published as pub
 from .findings import by_norm_batch, gn_of, sweep
+from .inside import inside
 from .labels import label, sort_key, sweep_value
 from .runs import Point
 from .tables import NUMBER, cell, table
@@ -189,4 +190,5 @@ SECTIONS = {
     "batch-size": ("Sensitivity to batch size", batch_size),
     "groups": ("Group count", groups),
     "zoo": ("Every normalization (the zoo)", zoo),
+    "inside": ("Inside the network", inside),
 }

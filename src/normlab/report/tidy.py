@@ -1,5 +1,6 @@
-"""Tidy results for notebooks: results.csv (one row per run) and curves.csv (one row per run
-and epoch), plain CSV that pandas and polars read as they are, and `load_results`."""
+"""Tidy results for notebooks: results.csv (one row per run), curves.csv (one row per run and
+epoch) and probes.csv (one row per run, epoch, layer and probe), plain CSV that pandas and
+polars read as they are, and `load_results`."""
 from __future__ import annotations
 
 import csv
@@ -13,12 +14,15 @@ from typing import NamedTuple
 from .. import rundir
 from ..config import RunConfig
 from ..errors import NormlabError
+from ..probes import FIELDS as PROBE_FIELDS
 from .labels import family, label, sweep_value, variant
+from .probe_data import rows_of
 from .runs import Run, Warn, load_runs, warn_stderr
 from .studies import membership, studies_of
 
-RESULTS, CURVES = "results.csv", "curves.csv"
+RESULTS, CURVES, PROBES = "results.csv", "curves.csv", "probes.csv"
 CURVE_KEYS = ("run_id", "model", "norm", "batch_size", "virtual_gpus", "seed")
+PROBE_KEYS = list(CURVE_KEYS) + list(PROBE_FIELDS)
 
 
 def value(v) -> str:
@@ -54,10 +58,13 @@ def run_row(run: Run, root: Path, studies: dict[str, list[str]]) -> dict:
     return row
 
 
-def curve_rows(run: Run) -> list[dict]:
-    head = {"run_id": run.id, "model": run.cfg.model, "norm": run.cfg.norm, "batch_size": run.cfg.batch_size,
+def head(run: Run) -> dict:
+    return {"run_id": run.id, "model": run.cfg.model, "norm": run.cfg.norm, "batch_size": run.cfg.batch_size,
             "virtual_gpus": run.cfg.virtual_gpus, "seed": run.cfg.seed}
-    return [{**head, **r} for r in run.rows]
+
+
+def curve_rows(run: Run) -> list[dict]:
+    return [{**head(run), **r} for r in run.rows]
 
 
 def to_csv(rows: list[dict], fields: list[str] | None = None) -> str:
@@ -70,38 +77,40 @@ def to_csv(rows: list[dict], fields: list[str] | None = None) -> str:
     return buffer.getvalue()
 
 
-def tables(root: Path, runs: list[Run]) -> tuple[str, str]:
-    """(results.csv, curves.csv) as text."""
+def tables(root: Path, runs: list[Run], warn: Warn | None = None) -> tuple[str, str, str]:
+    """(results.csv, curves.csv, probes.csv) as text."""
     studies = membership(studies_of(root, runs))
     order = sorted(runs, key=lambda r: r.id)
     results_fields = None if order else ["run_id", "path", "studies", "state"] + [f.name for f in dataclasses.fields(RunConfig)]
     curves = [row for r in order for row in curve_rows(r)]
+    probes = [{**head(r), **p} for r in order for p in rows_of(r, warn)]
     return (to_csv([run_row(r, root, studies) for r in order], results_fields),
-            to_csv(curves, None if curves else list(CURVE_KEYS) + ["epoch"]))
+            to_csv(curves, None if curves else list(CURVE_KEYS) + ["epoch"]),
+            to_csv(probes, PROBE_KEYS))
 
 
-def write(root: Path, runs: list[Run], out: Path | None = None) -> tuple[Path, Path]:
-    """results.csv and curves.csv of the runs under root, into out (default: root)."""
+def write(root: Path, runs: list[Run], out: Path | None = None) -> tuple[Path, Path, Path]:
+    """results.csv, curves.csv and probes.csv of the runs under root, into out (default: root)."""
     out = root if out is None else out
-    results, curves = tables(root, runs)
-    rundir.atomic_write(out / RESULTS, results.encode())
-    rundir.atomic_write(out / CURVES, curves.encode())
-    return out / RESULTS, out / CURVES
+    for name, text in zip((RESULTS, CURVES, PROBES), tables(root, runs)):
+        rundir.atomic_write(out / name, text.encode())
+    return out / RESULTS, out / CURVES, out / PROBES
 
 
 class Results(NamedTuple):
     runs: object     # one row per run: config and summary
     curves: object   # one row per run and epoch
+    probes: object   # one row per run, epoch, layer and probe (runs trained with probes)
 
 
 def load_results(path, warn: Warn = warn_stderr) -> Results:
     """The results of a study for a notebook: Results(runs, curves).
 
     `path` is a results directory: its run directories are read afresh (damaged ones skipped
-    with a warning), or, when it holds none, the results.csv and curves.csv that
-    `normlab report` wrote there. Each table is a pandas DataFrame when pandas is installed,
+    with a warning), or, when it holds none, the results.csv, curves.csv and probes.csv that
+    `normlab report` wrote there (without probes.csv, an empty probes table). Each table is a pandas DataFrame when pandas is installed,
     otherwise a list of dicts (one per row; numbers as int or float, booleans as bool, blank
-    cells as None). The columns are those of results.csv and curves.csv (see README).
+    cells as None). The columns are those of results.csv, curves.csv and probes.csv (see README).
     """
     root = Path(path)
     if not root.is_dir():
@@ -109,9 +118,10 @@ def load_results(path, warn: Warn = warn_stderr) -> Results:
                            f"normlab reproduce or train)")
     runs = load_runs(root, warn) if any(rundir.list_runs(root)) else []
     if runs:
-        texts = tables(root, runs)
+        texts = tables(root, runs, warn)
     elif (root / RESULTS).is_file() and (root / CURVES).is_file():
         texts = tuple((root / name).read_text(encoding="utf-8") for name in (RESULTS, CURVES))
+        texts += ((root / PROBES).read_text(encoding="utf-8") if (root / PROBES).is_file() else to_csv([], PROBE_KEYS),)
     else:
         raise NormlabError(f"no runs in {root} (no */config.json, nor results.csv and curves.csv); "
                            f"train some with normlab train or normlab reproduce first")
