@@ -67,8 +67,9 @@ class FusedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, runs: int):
         super().__init__()
         self.runs, self.in_features, self.out_features = runs, linear.in_features, linear.out_features
-        self.weight = nn.Parameter(torch.empty(runs * linear.out_features, linear.in_features))
-        self.bias = nn.Parameter(torch.empty(runs * linear.out_features)) if linear.bias is not None else None
+        like = {"dtype": linear.weight.dtype, "device": linear.weight.device}
+        self.weight = nn.Parameter(torch.empty(runs * linear.out_features, linear.in_features, **like))
+        self.bias = nn.Parameter(torch.empty(runs * linear.out_features, **like)) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.runs
