@@ -21,17 +21,17 @@ def table(header: list[str], rows: list[list]) -> str:
 def cell(point: Point | None, single: bool = False) -> str:
     """'7.45 ± 0.12 [7.20, 7.70]' (mean ± std [95 % CI] over seeds), '7.45 (1 seed)', or plain
     '7.45' when the whole table has one seed per point (`single`: said once above it); runs
-    that did not finish are counted after the number."""
+    that did not finish are counted after the number (Point.seed_note)."""
     if point is None:
         return "-"
     summary = point.summary()
-    notes = [f"{n} {s}" for s, n in point.states().items() if s != "done"]
+    note = point.seed_note()
     if summary is None:
-        return ", ".join(notes) or "no data"
+        return note or "no data"
     text = f"{summary.mean:.2f}" if single and summary.n == 1 else format_summary(summary)
-    if notes and text.endswith(")"):  # '55.00 (1 seed; 1 diverged)'
-        return f"{text[:-1]}; {', '.join(notes)})"
-    return text + (f" ({', '.join(notes)})" if notes else "")
+    if note and text.endswith(")"):  # '90.00 (1 seed; 1 of 1 seed diverged (counted at 90 % error))'
+        return f"{text[:-1]}; {note})"
+    return text + (f" ({note})" if note else "")
 
 
 def all_single(points: list[Point]) -> bool:
