@@ -274,6 +274,12 @@ def test_shipped_references_hold_the_anchors_numbers():
      "error: 2}]}]\n", "a second number"),
     ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
      "metric: e, approx: false, errors: [{norm: bn, batch: 32, error: 1}]}]\n", "unknown key 'batch'"),
+    ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
+     "metric: e, approx: false, recipe: {lr: 0.1}, errors: [{norm: bn, batch_size: 32, error: 1}]}]\n",
+     "unknown recipe key 'lr'"),
+    ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
+     "metric: e, approx: false, recipe: {epochs: ten}, errors: [{norm: bn, batch_size: 32, error: 1}]}]\n",
+     "'epochs' must be int"),
 ])
 def test_bad_reference_tables(tmp_path, text, match):
     path = tmp_path / "refs.yaml"

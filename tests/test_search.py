@@ -2,6 +2,7 @@
 moments, two processes sharing one search."""
 import importlib.util
 import json
+import math
 import os
 import pickle
 import random
@@ -246,8 +247,25 @@ def test_a_kill_between_the_prune_decision_and_its_record_changes_nothing(refere
         torch.set_num_threads(threads)
     trials_of = lambda d: [(t.number, t.params, t.state.name, t.last_step) for t in load_study(d).trials]
     assert trials_of(out) == trials_of(reference[0])
-    mine = json.loads(json.dumps(results.to_json(results.collect(search))))
+    mine = json.loads(json.dumps(results.to_json(results.collect(search, opts))))
     assert (mine["ranking"], mine["winner"], mine["margins"]) == essentials(reference[0])
+
+
+@needs_optuna
+def test_the_search_reads_the_test_set_once_for_the_winner(reference, monkeypatch):
+    from normlab.search import results, trials
+    from normlab.train import Trainer
+    out, _ = reference
+    for run in (out / "runs").iterdir():  # no run of the search evaluated the test set
+        assert all(math.isnan(r["test_error"]) for r in rundir.read_metrics(run / rundir.METRICS)), run.name
+    result = json.loads((out / "search.json").read_text())
+    kept = json.loads((out / results.TEST_FILE).read_text())
+    assert kept["norm"] == result["winner"]["norm"] and len(kept["test_errors"]) == SEEDS
+    assert result["winner"]["test_errors"] == kept["test_errors"]
+    # writing the answer again reads nothing more
+    monkeypatch.setattr(Trainer, "read_test", lambda self: pytest.fail("the test set was read again"))
+    again = results.collect(trials.Search(out, spec_of_the_tests()))
+    assert again["winner"]["test_errors"] == kept["test_errors"]
 
 
 def load_study(out):

@@ -176,6 +176,9 @@ class RunConfig:
         if self.warmup_epochs and self.warmup_steps:
             raise NormlabError(f"a warm-up is counted in epochs or in steps, not both (got {self.warmup_epochs:g} "
                                f"epochs and {self.warmup_steps} steps); give one, e.g. --warmup 400steps")
+        if self.warmup_epochs > self.epochs:
+            raise NormlabError(f"a warm-up of {self.warmup_epochs:g} epochs is longer than the run ({self.epochs} "
+                               f"epochs); shorten it, or count it in steps (e.g. --warmup 400steps)")
         if self.warmup_shape not in WARMUP_SHAPES:
             raise NormlabError(f"unknown warm-up shape '{self.warmup_shape}'; use one of: {', '.join(WARMUP_SHAPES)}")
         if not 0 < self.warmup_factor <= 1:
@@ -276,3 +279,5 @@ class RuntimeOptions:
     log: "LogOptions | None" = None     # --log: live curves in TensorBoard, MLflow, W&B (loggers/)
     deterministic: bool = False   # deterministic algorithms (exact resume on CUDA), at a cost
     fast_path: str = "off"        # off | graph | compile: whole-step CUDA paths (train/fast.py)
+    test_set: bool = True               # evaluate the test set every epoch; off: its columns are NaN
+    #                                     (search-groups: read once, for the winner, by Trainer.read_test)

@@ -39,7 +39,9 @@ def all_single(points: list[Point]) -> bool:
 
 
 def describe_schedule(cfg: RunConfig) -> str:
-    warm = f" after {cfg.warmup_epochs:g} warm-up epochs" if cfg.warmup_epochs else ""
+    length = f"{cfg.warmup_epochs:g} epochs" if cfg.warmup_epochs else f"{cfg.warmup_steps} steps"
+    warm = (f" after a {cfg.warmup_shape} warm-up of {length} from {cfg.warmup_factor:g} x lr"
+            if cfg.warmup_epochs or cfg.warmup_steps else "")
     if cfg.schedule == "step":
         return f"lr / 10 every {cfg.step_size} epochs{warm}"
     if cfg.schedule == "multistep":

@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import rundir
+from ..config import RuntimeOptions
 from ..report.runs import chance_error
 from ..stats import Summary, difference, format_difference, format_summary, holm, holm_adjusted, summarize
 from .trials import RUNS, Search
 
-JSON_FILE, MARKDOWN_FILE = "search.json", "search.md"
+JSON_FILE, MARKDOWN_FILE, TEST_FILE = "search.json", "search.md", "test_reading.json"
 ALPHA = 0.05
 
 
@@ -32,9 +33,24 @@ def metrics(search: Search, norm: str, seed: int) -> list[dict]:
     return rundir.read_metrics(search.out / RUNS / search.spec.config(norm, seed).run_id() / rundir.METRICS)
 
 
-def final_rows(search: Search, norm: str, seeds) -> list[dict]:
-    """The last metrics row of each seed's run of `norm`."""
-    return [metrics(search, norm, seed)[-1] for seed in seeds]
+def test_reading(search: Search, norm: str, opts: RuntimeOptions) -> list[float]:
+    """The test errors of `norm`'s final seeds, read from their last checkpoints: the test set's
+    one use, kept in OUT/test_reading.json so that it is never read again (a diverged seed counts
+    at chance error)."""
+    from ..train import ranks, start
+
+    kept = rundir.read_json(search.out / TEST_FILE)
+    if kept and kept.get("norm") == norm:
+        return kept["test_errors"]
+    cfgs = [search.spec.config(norm, s) for s in search.spec.final_seeds()]
+    done = [c for c in cfgs if (rundir.read_json(search.out / RUNS / c.run_id() / rundir.STATUS) or {}).get("state")
+            == "done"]
+    errors = dict.fromkeys((c.seed for c in cfgs), chance_error(search.spec.base.data))
+    if done:
+        with start(ranks.SINGLE, done, [search.out / RUNS / c.run_id() for c in done], opts, force=False) as trainer:
+            errors.update(zip((c.seed for c in done), trainer.read_test()))
+    rundir.write_json(search.out / TEST_FILE, {"norm": norm, "test_errors": list(errors.values())})
+    return list(errors.values())
 
 
 def final_values(search: Search, trials: dict) -> dict[int, float]:
@@ -45,7 +61,8 @@ def final_values(search: Search, trials: dict) -> dict[int, float]:
             if s != 0 and t.state in (states.COMPLETE, states.FAIL)}
 
 
-def collect(search: Search) -> dict:
+def collect(search: Search, opts: RuntimeOptions | None = None) -> dict:
+    """The answer; `opts` says how to read the winner's test error (once, the first time)."""
     spec, states = search.spec, search.states
     by_norm: dict[str, dict[int, object]] = {c.spec: {} for c in spec.candidates}
     for t in search.trials(states.COMPLETE, states.PRUNED, states.FAIL):
@@ -87,7 +104,7 @@ def collect(search: Search) -> dict:
     final.sort(key=lambda e: e["val_error"].mean if e["val_error"] else float("inf"))  # the final ranking
     others.sort(key=lambda e: (e["state"] == "diverged", -e.get("epochs", 0),
                                e["at_rungs"].get(e.get("epochs"), 0) if "at_rungs" in e else 0))
-    tests = [row["test_error"] for row in final_rows(search, winner["norm"], spec.final_seeds())]
+    tests = test_reading(search, winner["norm"], opts or RuntimeOptions(progress=False))
     result.update(ranking=final + others, winner={
         "norm": winner["norm"], "groups": winner["groups"], "selection_val_error": winner["selection_val_error"],
         "val_error": winner["val_error"], "tied_with": [e["norm"] for e in final if e.get("verdict") == "tied"],

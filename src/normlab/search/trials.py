@@ -20,6 +20,7 @@ twice, and the run directory's own lock keeps any run from being trained twice a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -172,6 +173,7 @@ class Search:
         pruned = bool(competes and reported and max(reported) < spec.epochs and decide())
         pruned = pruned or observe(rundir.read_metrics(run_dir / rundir.METRICS))
         status = {}
+        opts = dataclasses.replace(opts, test_set=False)  # read once, for the winner (results.py)
         while not pruned:
             try:
                 status = train(cfg, run_dir, opts, force=force, on_epoch=on_epoch)
