@@ -188,7 +188,7 @@ def test_report_from_synthetic_results(tmp_path):
             assert f"figures/synthetic/{figure}" in report
     assert "BN − GN G=16" in report and "lowest test error of G = 1, G = 4, G = 16:" in report
     assert "lowest test error of 4 channels per group, 16 channels per group:" in report
-    assert "1 of 2 seeds diverged (counted at 90 % error)" in report and "± " in report
+    assert "1 of 2 seeds diverged, counted at 90 % error" in report and "± " in report
     assert "median test error of the final min(5, epochs // 2) epochs (at least 1): the final 4 of 8" in report
     # BN - GN at batch 2: BN is 20 points worse in this made-up data with seed 0, and seed 1
     # diverged: it counts at 90 % (GN 35), paired by seed: (20 + 55) / 2

@@ -98,12 +98,12 @@ def test_a_diverged_seed_counts_at_chance_error_and_is_said(tmp_path):
     assert bn2.summary().mean == pytest.approx((20.0 + 90.0 + 20.1) / 3)
     rows = claim_rows(root)
     rises = rows["BN's error rises as the batch shrinks"]
-    assert "1 of 3 seeds diverged (counted at 90 % error)" in rises[3]
+    assert "1 of 3 seeds diverged, counted at 90 % error" in rises[3]
     # one diverged seed of three widens the interval: the rise is no longer certain
     assert rises[4].startswith("**inconclusive**")
     text = build_report(root).read_text()
     assert "a diverged seed counts at chance error (90 % on CIFAR-10" in text
-    assert "1 of 3 seeds diverged (counted at 90 % error)" in text.split("## resnet56")[1]  # the tables too
+    assert "1 of 3 seeds diverged, counted at 90 % error" in text.split("## resnet56")[1]  # the tables too
 
 
 def test_divergence_of_every_seed_decides_the_claim(tmp_path):

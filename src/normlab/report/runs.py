@@ -79,13 +79,13 @@ class Point:
         return {r.cfg.seed: r.value for r in self.runs if r.value is not None}
 
     def seed_note(self) -> str:
-        """'1 of 3 seeds diverged (at 90 % error)', '1 of 3 failed (left out)', ...; '' when every
+        """'1 of 3 seeds diverged, counted at 90 % error', '1 of 3 failed (left out)', ...; '' when every
         seed finished."""
         states, n = self.states(), len(self.runs)
         notes = []
         if states["diverged"]:
-            notes.append(f"{states['diverged']} of {n} seed{'s' if n > 1 else ''} diverged "
-                         f"(counted at {chance_error(self.cfg.data):g} % error)")
+            notes.append(f"{states['diverged']} of {n} seed{'s' if n > 1 else ''} diverged, "
+                         f"counted at {chance_error(self.cfg.data):g} % error")
         if states["failed"]:
             notes.append(f"{states['failed']} of {n} failed (left out)")
         unfinished = n - states["done"] - states["diverged"] - states["failed"]

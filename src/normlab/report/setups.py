@@ -89,8 +89,8 @@ def partition(runs: list[Run]) -> list[Setup]:
         if len(siblings) > 1:
             tags = ([f"x{cfg.virtual_gpus}"] if len({c.virtual_gpus for c in siblings}) > 1 else []) + \
                    [t for _, t in words]
-            slug += "-" + (re.sub(r"[^a-z0-9.]+", "", "-".join(tags).lower().replace("-", "_")).replace("_", "-")
-                           if tags else hashlib.sha1(key(cfg).encode()).hexdigest()[:6])
+            tag = re.sub(r"[^a-z0-9.-]", "", "-".join(tags).lower())  # a file name's characters only
+            slug += "-" + (tag or hashlib.sha1(key(cfg).encode()).hexdigest()[:6])
         setups.append(Setup(cfg, group, title, slug))
     seen: dict[str, int] = {}
     for s in setups:  # tags that read alike (long names cut by the filter) get a number

@@ -29,7 +29,7 @@ def cell(point: Point | None, single: bool = False) -> str:
     if summary is None:
         return note or "no data"
     text = f"{summary.mean:.2f}" if single and summary.n == 1 else format_summary(summary)
-    if note and text.endswith(")"):  # '90.00 (1 seed; 1 of 1 seed diverged (counted at 90 % error))'
+    if note and text.endswith(")"):  # '90.00 (1 seed; 1 of 1 seed diverged, counted at 90 % error)'
         return f"{text[:-1]}; {note})"
     return text + (f" ({note})" if note else "")
 
@@ -89,7 +89,8 @@ def seeds_notice(points: list[Point]) -> list[str]:
                 "noise. Run `--seeds 3` or more for intervals."]
     widths = ", ".join(f"± {half_width(n):.1f} std with {n} seeds" for n in (2, 3, 5))
     text = ("Every number is the mean over seeds ± its standard deviation, with the 95 % confidence "
-            "interval of the mean in brackets (Student t); differences carry Welch's 95 % interval "
+            "interval of the mean in brackets (Student t); differences carry a 95 % interval, paired over "
+            "seeds where both points hold the same seeds, else Welch's "
             f"(the interval is {widths}: few seeds give wide intervals).")
     if min(counts) < 2:
         text += " Points marked (1 seed) have one finished seed and no interval."
