@@ -9,7 +9,7 @@ import pytest
 from normlab import references, rundir
 from normlab.config import RunConfig
 from normlab.report import build_report
-from normlab.report.findings import (AGREES, DISAGREES, INCONCLUSIVE, best_verdict, findings, flat_verdict,
+from normlab.report.findings import (AGREES, DISAGREES, INCONCLUSIVE, best_verdict, flat_verdict,
                                      sign_verdict)
 from normlab.report.runs import group_points, load_runs
 from normlab.report.setups import partition
@@ -53,9 +53,9 @@ def test_runs_of_other_setups_are_never_compared(tmp_path):
     assert [(r[2], r[4].split()[0]) for r in rows] == [("resnet56, 1 device × N", "**agrees**"),
                                                       ("resnet56, 8 devices × N", "**disagrees**")]
     # each setup has its own section and figures, headed by what tells it apart
-    assert "## resnet56, 1 device × N" in text and "## resnet56, 8 devices × N" in text
-    assert "figures/norms_resnet56-x1_b32.png" in text and "figures/norms_resnet56-x8_b32x8.png" in text
-    assert (root / "figures" / "norms_resnet56-x1_b32.png").exists()
+    assert "### resnet56, 1 device × N\n" in text and "### resnet56, 8 devices × N\n" in text
+    assert "figures/synthetic/norms_resnet56-x1_b32.png" in text and "figures/synthetic/norms_resnet56-x8_b32x8.png" in text
+    assert (root / "figures" / "synthetic" / "norms_resnet56-x1_b32.png").exists()
 
 
 def test_setups_differ_in_every_field_but_norm_batch_and_seed(tmp_path):
@@ -118,7 +118,7 @@ def test_failed_and_unfinished_seeds_are_left_out_and_counted(tmp_path):
     root = batch_study(tmp_path / "r", ["done", "failed", "running"])
     bn2 = next(p for p in group_points(load_runs(root)).values() if (p.norm, p.cfg.batch_size) == ("bn", 2))
     assert bn2.finals == [pytest.approx(20.0)]
-    assert bn2.seed_note() == "1 of 3 failed (left out); 1 of 3 unfinished (left out)"
+    assert bn2.seed_note() == "1 of 3 failed (left out); 1 of 3 running (left out)"
 
 
 # -- paired where seeds pair ---------------------------------------------------------------------

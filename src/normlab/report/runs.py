@@ -79,8 +79,8 @@ class Point:
         return {r.cfg.seed: r.value for r in self.runs if r.value is not None}
 
     def seed_note(self) -> str:
-        """'1 of 3 seeds diverged, counted at 90 % error', '1 of 3 failed (left out)', ...; '' when every
-        seed finished."""
+        """'1 of 3 seeds diverged, counted at 90 % error', '1 of 3 failed (left out)', '1 of 3 running
+        (left out)', ...; '' when every seed finished."""
         states, n = self.states(), len(self.runs)
         notes = []
         if states["diverged"]:
@@ -88,9 +88,9 @@ class Point:
                          f"counted at {chance_error(self.cfg.data):g} % error")
         if states["failed"]:
             notes.append(f"{states['failed']} of {n} failed (left out)")
-        unfinished = n - states["done"] - states["diverged"] - states["failed"]
-        if unfinished:
-            notes.append(f"{unfinished} of {n} unfinished (left out)")
+        for state, count in states.items():  # running, interrupted, not started: no result yet
+            if state not in ("done", "diverged", "failed"):
+                notes.append(f"{count} of {n} {state} (left out)")
         return "; ".join(notes)
 
     @property

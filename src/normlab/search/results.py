@@ -29,10 +29,6 @@ def as_dict(s: Summary | None) -> dict | None:
             **({"test": s.test, "dof": s.dof} if s.test else {})}
 
 
-def metrics(search: Search, norm: str, seed: int) -> list[dict]:
-    return rundir.read_metrics(search.out / RUNS / search.spec.config(norm, seed).run_id() / rundir.METRICS)
-
-
 def test_reading(search: Search, norm: str, opts: RuntimeOptions) -> list[float]:
     """The test errors of `norm`'s final seeds, read from their last checkpoints: the test set's
     one use, kept in OUT/test_reading.json so that it is never read again (a diverged seed counts
