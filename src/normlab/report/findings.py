@@ -102,8 +102,7 @@ def n_points(x: float) -> str:
     return f"{x:g} point" + ("" if x == 1 else "s")
 
 
-RULES = [
-    "Every difference is written A − B and is positive when A's error is higher.",
+RULES = [  # the sign convention (A − B, positive where A is worse) is said once, atop the report
     "Seeds that count: a finished seed gives the median test error of its final epochs; a diverged "
     "seed counts at chance error (90 % on CIFAR-10, 99 % on CIFAR-100), the error of the model it "
     "leaves (its weights are not finite, so it gives every image the same class). Leaving it out "

@@ -16,6 +16,7 @@ from .. import rundir
 from ..config import RuntimeOptions
 from ..report.runs import chance_error
 from ..stats import Summary, difference, format_difference, format_summary, holm, holm_adjusted, summarize
+from .locks import FileLock
 from .trials import RUNS, Search
 
 JSON_FILE, MARKDOWN_FILE, TEST_FILE = "search.json", "search.md", "test_reading.json"
@@ -35,18 +36,20 @@ def test_reading(search: Search, norm: str, opts: RuntimeOptions) -> list[float]
     at chance error)."""
     from ..train import ranks, start
 
-    kept = rundir.read_json(search.out / TEST_FILE)
-    if kept and kept.get("norm") == norm:
-        return kept["test_errors"]
-    cfgs = [search.spec.config(norm, s) for s in search.spec.final_seeds()]
-    done = [c for c in cfgs if (rundir.read_json(search.out / RUNS / c.run_id() / rundir.STATUS) or {}).get("state")
-            == "done"]
-    errors = dict.fromkeys((c.seed for c in cfgs), chance_error(search.spec.base.data))
-    if done:
-        with start(ranks.SINGLE, done, [search.out / RUNS / c.run_id() for c in done], opts, force=False) as trainer:
-            errors.update(zip((c.seed for c in done), trainer.read_test()))
-    rundir.write_json(search.out / TEST_FILE, {"norm": norm, "test_errors": list(errors.values())})
-    return list(errors.values())
+    with FileLock(search.out / "locks" / "test.lock"):  # commands sharing the search read it once
+        kept = rundir.read_json(search.out / TEST_FILE)
+        if kept and kept.get("norm") == norm:
+            return kept["test_errors"]
+        cfgs = [search.spec.config(norm, s) for s in search.spec.final_seeds()]
+        done = [c for c in cfgs
+                if (rundir.read_json(search.out / RUNS / c.run_id() / rundir.STATUS) or {}).get("state") == "done"]
+        errors = dict.fromkeys((c.seed for c in cfgs), chance_error(search.spec.base.data))
+        if done:
+            with start(ranks.SINGLE, done, [search.out / RUNS / c.run_id() for c in done], opts,
+                       force=False) as trainer:
+                errors.update(zip((c.seed for c in done), trainer.read_test()))
+        rundir.write_json(search.out / TEST_FILE, {"norm": norm, "test_errors": list(errors.values())})
+        return list(errors.values())
 
 
 def final_values(search: Search, trials: dict) -> dict[int, float]:
