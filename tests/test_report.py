@@ -32,14 +32,15 @@ def fake_run(root, cfg: RunConfig, final: float, epochs: int = 6, state: str = "
     return cfg.run_id()
 
 
-def study(root, errors, seeds=3, noise=0.1, model="resnet56", data="cifar10", virtual_gpus=1, seed=0):
+def study(root, errors, seeds=3, noise=0.1, model="resnet56", data="cifar10", virtual_gpus=1, seed=0, epochs=6,
+          **fields):
     """A results directory: errors maps (study, norm, batch) -> mean error; seeds scatter by noise."""
     rng = random.Random(seed)
     members = {}
     for (name, norm, batch), error in errors.items():
         for s in range(seeds):
-            cfg = RunConfig(model=model, norm=norm, batch_size=batch, epochs=6, seed=s, data=data,
-                            virtual_gpus=virtual_gpus).normalized()
+            cfg = RunConfig(model=model, norm=norm, batch_size=batch, epochs=epochs, seed=s, data=data,
+                            virtual_gpus=virtual_gpus, **fields).normalized()
             if not (root / cfg.run_id()).exists():
                 fake_run(root, cfg, error + rng.uniform(-noise, noise))
             members.setdefault(name, []).append(cfg.run_id())
@@ -51,14 +52,15 @@ def paper_like(bn32=7.5, gn32=9.5, bn2=20.0, gn2=9.6, g1=12.0, g4=10.5, g16=9.5)
     errors = {("batch-size", "bn", 32): bn32, ("batch-size", "bn", 8): (bn32 + bn2) / 2, ("batch-size", "bn", 2): bn2,
               ("batch-size", "gn:16", 32): gn32, ("batch-size", "gn:16", 8): gn32, ("batch-size", "gn:16", 2): gn2}
     errors.update({("groups", "gn:1", 32): g1, ("groups", "gn:4", 32): g4, ("groups", "gn:16", 32): g16,
-                   ("groups", "gn:cpg=4", 32): 10.0, ("groups", "gn:cpg=16", 32): 9.8})
+                   ("groups", "gn:cpg=4", 32): 10.5, ("groups", "gn:cpg=16", 32): 9.8})
     return errors
 
 
 def verdicts(root, model="resnet56"):
     points = list(group_points(load_runs(root)).values())
     batch = [p for p in points if p.cfg.batch_size != 32 or p.norm in ("bn", "gn:16")]
-    found, untested = findings(model, batch, [p for p in points if p.norm != "bn"], references.load())
+    found, untested = findings(model, points[0].cfg, batch, [p for p in points if p.norm != "bn"],
+                               references.load())
     return {f.claim.split(" (")[0]: f.verdict for f in found}, found, untested
 
 
@@ -67,10 +69,10 @@ def test_verdict_rules():
     assert sign_verdict(Summary(3, 2.0, 0.5, 1.0, 3.0), -1)[0] == DISAGREES
     assert sign_verdict(Summary(3, 1.0, 0.5, 0.0, 2.0), +1)[0] == INCONCLUSIVE  # could be zero
     assert sign_verdict(Summary(3, 1.0, 0.5, -0.1, 2.0), +1)[0] == INCONCLUSIVE
-    assert sign_verdict(Summary(1, 5.0, math.nan), +1) == (INCONCLUSIVE, "fewer than 2 finished seeds on a side: no interval")
-    assert flat_verdict(Summary(3, 0.1, 0.1, -0.5, 0.7))[0] == AGREES
-    assert flat_verdict(Summary(3, 3.0, 0.1, 2.0, 4.0))[0] == DISAGREES
-    assert flat_verdict(Summary(3, 0.5, 0.5, -0.2, 1.5))[0] == INCONCLUSIVE
+    assert sign_verdict(Summary(1, 5.0, math.nan), +1) == (INCONCLUSIVE, "fewer than 2 seeds that count on a side: no interval")
+    assert flat_verdict([Summary(3, 0.1, 0.1, -0.5, 0.7, dof=2)])[0] == AGREES
+    assert flat_verdict([Summary(3, 3.0, 0.1, 2.0, 4.0, dof=2)])[0] == DISAGREES
+    assert flat_verdict([Summary(3, 0.5, 0.5, -0.2, 1.5, dof=2)])[0] == INCONCLUSIVE
 
 
 def test_findings_agree_when_the_data_show_the_published_effects(tmp_path):
@@ -83,7 +85,7 @@ def test_findings_agree_when_the_data_show_the_published_effects(tmp_path):
     first = found[0]
     assert "GN paper, ImageNet ResNet-50: BN 23.6, GN G=32 24.1" in first.published
     assert "impl. report, CIFAR-10 ResNet-56: BN ≈ 7.45, GN G=16 ≈ 9.5" in first.published
-    assert "BN − GN -2.0" in first.numbers and "[" in first.numbers  # BN − GN, always
+    assert "BN − GN G=16 -2.0" in first.numbers and "[" in first.numbers
     assert any("G = 32 is the best group count" in u for u in untested)  # the GN paper's best G
 
 
@@ -101,13 +103,13 @@ def test_findings_disagree_or_stay_inconclusive_as_the_intervals_say(tmp_path):
     # one seed: every verdict is inconclusive, and says why
     v, found, _ = verdicts(study(tmp_path / "c", paper_like(), seeds=1))
     assert set(v.values()) == {INCONCLUSIVE}
-    assert all("fewer than 2 finished seeds" in f.why for f in found)
+    assert all("fewer than 2 seeds that count" in f.why for f in found)
 
 
 def test_report_gives_intervals_findings_and_published_numbers(tmp_path):
     root = study(tmp_path / "r", {**paper_like(), ("norms", "bn", 32): 7.5, ("norms", "ln", 32): 11.0,
                                   ("norms", "in", 32): 11.5, ("norms", "gn:16", 32): 9.5,
-                                  ("batch-size", "bn", 128): 7.0})
+                                  ("batch-size", "bn", 64): 7.0}, epochs=100)  # the impl. report's recipe
     text = build_report(root).read_text()
     assert text.index("## Findings") < text.index("## Study: synthetic") < text.index("Setup:") < text.index("### resnet56")
     assert "| BN is ahead of GN at batch 32 (lower error) |" in text and "**agrees**" in text
@@ -115,7 +117,7 @@ def test_report_gives_intervals_findings_and_published_numbers(tmp_path):
     # mean ± std [95 % interval] in every cell of this study; Welch's interval for BN − GN
     assert re.search(r"\| BN \| 7\.\d\d ± 0\.\d\d \[7\.\d\d, 7\.\d\d\] \|", text)
     gap = next(line for line in text.splitlines() if line.startswith("| BN − GN G=16 |"))
-    assert gap.count("[") == 3 and gap.split("|")[2].strip() == "-"  # no GN at batch 128
+    assert gap.count("[") == 3 and gap.split("|")[2].strip() == "-"  # no GN at batch 64
     # published columns: every header names its data set and model; footnotes say whose setting
     headers = [c.strip() for line in text.splitlines() if line.startswith("| norm |") or line.startswith("| setting |")
                for c in line.split("|") if c.strip().startswith("published:")]
@@ -123,9 +125,11 @@ def test_report_gives_intervals_findings_and_published_numbers(tmp_path):
     assert "published: impl. report, CIFAR-10 ResNet-56" in text and "published: GN paper, ImageNet ResNet-50" in text
     assert re.search(r"\[\d\] impl\. report: CIFAR-10, ResNet-56.*The same setting as this study's", text)
     assert re.search(r"\[\d\] GN paper: ImageNet, ResNet-50.*Another setting than this study's", text)
-    # He et al.'s ResNet-56 number is BN at batch 128: in that column of the batch table only
+    # He et al.'s ResNet-56 number is BN at 64 images per device (2 GPUs): in that column only,
+    # another setting (2 devices, 164 epochs)
     assert re.search(r"\| He et al\., CIFAR-10 ResNet-56 \[\d\]: BN \| 6\.97 \| - \| - \| - \|", text)
     assert text.count("| 6.97 |") == 1
+    assert re.search(r"\[\d\] He et al\.: CIFAR-10, 2 GPUs × 64 images.*Another setting than this study's", text)
     assert re.search(r"\| GN paper, ImageNet ResNet-50 \[\d\]: BN − GN G=32 \| - \| -0\.5 \| \+0\.8 \| \+10\.6 \|", text)
     assert "seeds: 0, 1, 2 (12 points with 3 finished seeds)" in text
 
@@ -135,7 +139,7 @@ def test_other_models_see_published_numbers_labelled_as_another_setting(tmp_path
                  model="resnet8", data="sample")
     text = build_report(root).read_text()
     assert "published: impl. report, CIFAR-10 ResNet-56" in text  # its only model, labelled
-    assert "He et al." not in text  # several depths, none of them resnet8
+    assert "He et al., " not in text and "He et al.:" not in text  # several depths, none of them resnet8
     assert "The same setting" not in text
 
 
@@ -243,8 +247,9 @@ def test_shipped_references_hold_the_anchors_numbers():
     assert by[("gn-paper", "resnet50", "gn:cpg=16", 32)].error == 24.2
     assert by[("gn-paper", "resnet50", "in", 32)].error == 28.4
     assert by[("impl-report", "resnet56", "bn", 32)].text() == "≈ 7.45"
-    assert by[("he2016", "resnet56", "bn", 128)].error == 6.97
-    assert by[("he2016", "resnet110", "bn", 128)].note.startswith("best of 5")
+    assert by[("he2016", "resnet56", "bn", 64)].error == 6.97  # 2 GPUs x 64 images
+    assert by[("he2016", "resnet110", "bn", 64)].note.startswith("best of 5")
+    assert {p.devices for p in published if p.source == "he2016"} == {2}
     counts = {s: sum(p.source == s for p in published) for s in ("gn-paper", "impl-report", "he2016")}
     assert counts == {"gn-paper": 24, "impl-report": 3, "he2016": 5}
     assert by[("gn-paper", "resnet50", "brn", 4)].error == 26.3  # Batch Renorm, Sec. 4.1
@@ -269,6 +274,12 @@ def test_shipped_references_hold_the_anchors_numbers():
      "error: 2}]}]\n", "a second number"),
     ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
      "metric: e, approx: false, errors: [{norm: bn, batch: 32, error: 1}]}]\n", "unknown key 'batch'"),
+    ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
+     "metric: e, approx: false, recipe: {lr: 0.1}, errors: [{norm: bn, batch_size: 32, error: 1}]}]\n",
+     "unknown recipe key 'lr'"),
+    ("sources: {a: {name: A, cite: C}}\nsettings: [{source: a, model: m, data: d, devices: 1, setup: s, "
+     "metric: e, approx: false, recipe: {epochs: ten}, errors: [{norm: bn, batch_size: 32, error: 1}]}]\n",
+     "'epochs' must be int"),
 ])
 def test_bad_reference_tables(tmp_path, text, match):
     path = tmp_path / "refs.yaml"

@@ -77,7 +77,7 @@ def test_a_section_and_setup_per_study(two):
     assert text.index("## Findings") < text.index("## Study: quick") < text.index("## Study: zoo-quick")
     assert "- epochs: 6;" in quick and "- epochs: 3;" in zoo  # never "epochs: 3, 6"
     assert "#### Every normalization (the zoo)" in zoo and "#### Every normalization" not in quick
-    assert "| BN is ahead of GN at batch 32 (lower error) |" in text and "| resnet8, quick |" in text
+    assert "| BN is ahead of GN at batch 32 (lower error) |" in text and "| resnet8, 1 device × N, quick |" in text
     assert "This directory holds 2 studies" in text
     figures = sorted(str(p.relative_to(root / "figures")) for p in (root / "figures").rglob("*.png"))
     assert figures == ["quick/batch_curves_resnet8.png", "quick/batch_size_resnet8.png",
@@ -111,7 +111,7 @@ def test_the_final_epochs_rule_is_stated_and_used_alike(tmp_path):
     finals = {r.cfg.norm: r.final for r in load_runs(root)}
     assert finals == {"gn:16": 58.0, "bn": 55.0}
     text = build_report(root).read_text()
-    assert "batch 2: lowest test error of the 2 norms: BN (55.00 %)" in text
+    assert "batch 2: lowest test error of the 2 norms: BN (55.00 %; chosen on the test set" in text
     assert "the final 1 of 3. **Runs of 3 epochs are too short for the GN paper's rule**" in text
     assert "| norm | 2 |" in text and "test error (%), final epoch" in text
     with open(root / "results.csv", newline="") as f:
@@ -133,48 +133,51 @@ def test_a_report_written_mid_study_says_how_far_it_is(tmp_path):
     assert "**Under way: 1 of 4 runs finished (1 running, 2 not started)**" in text
     untested = text.split("Not tested by these runs:")[1].split("##")[0]
     assert "BN degrades" in untested and untested.count("under way") == 1
-    assert "resnet8, quick: the study is under way: 1 of 4 runs finished (1 running, 2 not started); more" in untested
-    assert "| GN G=16 | 1 running |" in text
+    assert "resnet8, 1 device × N, quick: the study is under way: 1 of 4 runs finished (1 running, 2 not started); more" in untested
+    assert "| GN G=16 | 1 of 1 running (left out) |" in text
 
 
 def test_nothing_is_called_best_out_of_one(tmp_path):
     root = study(tmp_path / "r", {("groups", "gn:16", 32): 9.5, ("zoo", "bn", 8): 20.0}, seeds=2)
     text = build_report(root).read_text()
-    assert "lowest" not in text and "best" not in text.split("## Study")[1]
+    section = text.split("## Study")[1]
+    assert "lowest" not in section and "best" not in section
 
 
 def search_result(finalists: int) -> dict:
     """A search's result: gn:4 and ln finalists, gn:2 pruned after epoch 1 with a lower epoch-1
     error than the winner's epoch-2 one (as early errors can be)."""
-    def finalist(norm, values, rung):
+    def finalist(norm, values, rung, selection):
         return {"norm": norm, "groups": [4, 4, 4], "state": "finalist", "val_errors": values,
-                "val_error": summarize(values), "at_rungs": {1: rung}}
-    winner = finalist("gn:4", [70.0, 71.0], 78.0)
-    ranking = [winner, finalist("ln", [72.0, 74.0], 79.0)][:finalists] + [
-        {"norm": "gn:2", "groups": [2, 2, 2], "state": "pruned", "epochs": 1, "val_errors": [69.5],
-         "at_rungs": {1: 80.0}, "detail": "pruned after epoch 1: 80.00 (seed 0)"}]
+                "val_error": summarize(values), "at_rungs": {1: rung}, "selection_val_error": selection,
+                "diverged_seeds": 0}
+    winner = finalist("gn:4", {1: 70.0, 2: 71.0}, 78.0, 69.9)
+    ranking = [winner, finalist("ln", {1: 72.0, 2: 74.0}, 79.0, 71.0)][:finalists] + [
+        {"norm": "gn:2", "groups": [2, 2, 2], "state": "pruned", "epochs": 1, "at_rungs": {1: 80.0},
+         "detail": "pruned after epoch 1"}]
     for e in ranking[1:finalists]:
-        e["minus_winner"] = difference(e["val_errors"], winner["val_errors"])
-        e["tied"] = e["minus_winner"].low <= 0
+        e.update(minus_winner=difference(e["val_errors"], winner["val_errors"]), holm_p=0.2, verdict="tied")
     settings = {"base": {"model": "resnet8", "batch_size": 32, "data": "sample", "val_split": 1000, "epochs": 2},
-                "reduction_factor": 3, "seeds": 2, "candidates": ["gn:4", "ln", "gn:2"]}
+                "reduction_factor": 3, "seeds": 2, "final_seeds": [1, 2], "candidates": ["gn:4", "ln", "gn:2"]}
     return {"settings": settings, "rungs": [1], "ranking": ranking,
             "winner": {"norm": "gn:4", "groups": [4, 4, 4], "val_error": winner["val_error"],
-                       "tied_with": [e["norm"] for e in ranking[1:finalists] if e["tied"]],
+                       "selection_val_error": 69.9, "better_than_winner": [],
+                       "tied_with": [e["norm"] for e in ranking[1:finalists]],
                        "test_error": summarize([71.0, 72.0])},
-            "margins": {e["norm"]: e["minus_winner"] for e in ranking[1:finalists]},
+            "margins": {e["norm"]: {k: e[k] for k in ("minus_winner", "holm_p", "verdict")}
+                        for e in ranking[1:finalists]},
             "compute": {"images_trained": 10, "run_epochs": 5, "fraction_of_full_grid": 0.5, "full_grid_images": 20}}
 
 
 def test_search_md_compares_candidates_at_the_same_epoch():
     md = search_text(search_result(2))
     header = next(line for line in md.splitlines() if line.startswith("| rank |"))
-    assert header.split(" | ")[3:6] == ["epoch 1, seed 0", "epoch 2", "minus the winner"]
+    assert header.split(" | ")[3:7] == ["epoch 1, seed 0", "epoch 2, seed 0 (selection)", "epoch 2, seeds 1, 2",
+                                        "minus the winner"]
     pruned = next(line for line in md.splitlines() if "| gn:2 |" in line)
     cells = [c.strip() for c in pruned.split("|")[1:-1]]
-    assert cells[3:] == ["80.00", "-", "", "pruned after epoch 1"]  # its epoch-1 error, under epoch 1
-    assert "69.5" not in md
+    assert cells[3:] == ["80.00", "-", "-", "", "", "pruned after epoch 1"]  # its epoch-1 error, under epoch 1
     winner = next(line for line in md.splitlines() if "| gn:4 |" in line)
-    assert "| 78.00 | 70.50 ± 0.71 [" in winner
+    assert "| 78.00 | 69.90 | 70.50 ± 0.71 [" in winner
     only = search_text(search_result(1))
     assert "the only finalist" in only and "every other finalist" not in only

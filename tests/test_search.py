@@ -2,6 +2,7 @@
 moments, two processes sharing one search."""
 import importlib.util
 import json
+import math
 import os
 import pickle
 import random
@@ -90,7 +91,8 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(capsys, tmp_pat
     code, stdout, _ = run_cli(capsys, "search-groups", "--quick", "--dry-run", "--out", str(out))
     assert code == 0 and not out.exists()
     assert "12 candidates" in stdout and "gn:cpg=4(4/8/16)" in stdout
-    assert "rungs after epoch 1" in stdout and "full grid of 12 candidates x 2 seeds x 2 epochs = 48 run-epochs" in " ".join(stdout.split())
+    assert "rungs after epoch 1" in stdout and "full grid of 12 candidates x 3 seeds x 2 epochs = 72 run-epochs" in " ".join(stdout.split())
+    assert "seed 0 selects the finalists and the winner" in " ".join(stdout.split())
 
 
 def test_without_optuna_the_fix_is_named(capsys, tmp_path, monkeypatch, tiny_real):
@@ -102,7 +104,7 @@ def test_without_optuna_the_fix_is_named(capsys, tmp_path, monkeypatch, tiny_rea
 
 
 # -- real searches on a tiny set of real images -----------------------------------------------
-CANDIDATES = "ln,gn:2,gn:4,gn:16,in"
+CANDIDATES = "ln,gn:2,gn:4,gn:16,in,gn:cpg=2"  # gn:cpg=2 is pruned after epoch 1
 SEEDS, EPOCHS = 3, 3
 
 
@@ -149,33 +151,39 @@ def essentials(out):
     return result["ranking"], result["winner"], result["margins"]
 
 
+def spec_of_the_tests():
+    return make_spec(candidates=parse_candidates(CANDIDATES), seeds=SEEDS, min_epochs=1, reduction_factor=3,
+                     val_split=200, overrides={"schedule": "cosine"}, model="resnet8", batch_size=32,
+                     data="cifar10", epochs=EPOCHS)
+
+
 @needs_optuna
 def test_the_winner_is_the_full_grids_best_or_statistically_tied(reference, tiny_real, tmp_path):
     out, _ = reference
     result = json.loads((out / "search.json").read_text())
     assert result["compute"]["images_trained"] < result["compute"]["full_grid_images"]
-    # the full grid: every candidate, every seed, every epoch (the search's runs are reused:
-    # finished ones are skipped, pruned ones resume from their checkpoints)
+    # the full grid: every candidate, every final seed, every epoch (the search's runs are
+    # reused: finished ones are skipped, pruned ones resume from their checkpoints)
     grid = tmp_path / "grid"
     shutil.copytree(out / "runs", grid)
-    spec = make_spec(candidates=parse_candidates(CANDIDATES), seeds=SEEDS, min_epochs=1, reduction_factor=3,
-                     val_split=200, overrides={"schedule": "cosine"}, model="resnet8", batch_size=32,
-                     data="cifar10", epochs=EPOCHS)
+    spec = spec_of_the_tests()
     errors = {}
     for c in spec.candidates:
-        errors[c.spec] = []
-        for seed in range(SEEDS):
+        errors[c.spec] = {}
+        for seed in spec.final_seeds():
             cfg = spec.config(c.spec, seed)
             train(cfg, grid / cfg.run_id(), RuntimeOptions(threads=1, data_dir=str(tiny_real), progress=False))
-            errors[c.spec].append(rundir.read_metrics(grid / cfg.run_id() / rundir.METRICS)[-1]["val_error"])
-    best = min(errors, key=lambda norm: sum(errors[norm]))
+            errors[c.spec][seed] = rundir.read_metrics(grid / cfg.run_id() / rundir.METRICS)[-1]["val_error"]
+    best = min(errors, key=lambda norm: sum(errors[norm].values()))
     winner = result["winner"]["norm"]
-    assert sorted(errors[winner]) == sorted(e for r in result["ranking"] if r["norm"] == winner for e in r["val_errors"])
+    # the ranking's numbers are the final seeds' (1..S), never seed 0's, which selected
+    mine = next(r for r in result["ranking"] if r["norm"] == winner)["val_errors"]
+    assert {int(s): v for s, v in mine.items()} == errors[winner]
     gap = difference(errors[winner], errors[best])
     assert winner == best or gap.low <= 0, (winner, best, errors)
-    # the comparison has teeth: in this setting the grid's worst is beyond the best's interval
-    worst = max(errors, key=lambda norm: sum(errors[norm]))
-    assert difference(errors[worst], errors[best]).low > 0, errors
+    # the comparison has teeth: in this setting the grid's worst is beyond the best's (Welch) interval
+    worst = max(errors, key=lambda norm: sum(errors[norm].values()))
+    assert difference(list(errors[worst].values()), list(errors[best].values())).low > 0, errors
 
 
 @needs_optuna
@@ -205,6 +213,63 @@ def test_kill_9_at_random_moments_then_rerun_reaches_the_same_result(reference, 
     # the same trials in the same order, each stopped at the same epoch
     trials = lambda d: [(t.number, t.params, t.state.name, t.last_step) for t in load_study(d).trials]
     assert trials(out) == trials(ref)
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs."""
+
+
+@needs_optuna
+def test_a_kill_between_the_prune_decision_and_its_record_changes_nothing(reference, tiny_real, tmp_path,
+                                                                           monkeypatch):
+    """Optuna's pruner stores a rung's value before it decides. A search killed after a "prune"
+    decision, before the trial is recorded as pruned, asks the pruner again when it resumes; it
+    must get the same answer (it used to judge the next rung, and the pruned trial trained on).
+    The search is followed up to that trial, which the rest of the search cannot change."""
+    import torch
+
+    from normlab.search import trials
+    threads = torch.get_num_threads()
+    out, opts = tmp_path / "search", RuntimeOptions(threads=1, data_dir=str(tiny_real), progress=False)
+
+    def die(run_dir, epoch):
+        raise Killed()
+    record = trials.mark_pruned
+    monkeypatch.setattr(trials, "mark_pruned", die)
+    try:
+        with pytest.raises(Killed):
+            trials.Search(out, spec_of_the_tests()).work(opts, False, lambda line: None)
+        (killed,) = [t for t in load_study(out).trials if t.state.name == "RUNNING"]
+        assert "completed_rung_0" in killed.system_attrs  # decided, not recorded
+        monkeypatch.setattr(trials, "mark_pruned", record)
+        search = trials.Search(out, spec_of_the_tests())  # the next process adopts the trial
+        trial, lock = search.claim()
+        assert trial.number == killed.number
+        search.run_trial(trial, opts, False, lambda line: None)
+        lock.release()
+    finally:
+        torch.set_num_threads(threads)
+    trials_of = lambda d: [(t.number, t.params, t.state.name, t.last_step) for t in load_study(d).trials
+                           if t.number <= killed.number]
+    assert trials_of(out)[-1][2:] == ("PRUNED", 1)
+    assert trials_of(out) == trials_of(reference[0])  # as the search never stopped
+
+
+@needs_optuna
+def test_the_search_reads_the_test_set_once_for_the_winner(reference, monkeypatch):
+    from normlab.search import results, trials
+    from normlab.train import Trainer
+    out, _ = reference
+    for run in (out / "runs").iterdir():  # no run of the search evaluated the test set
+        assert all(math.isnan(r["test_error"]) for r in rundir.read_metrics(run / rundir.METRICS)), run.name
+    result = json.loads((out / "search.json").read_text())
+    kept = json.loads((out / results.TEST_FILE).read_text())
+    assert kept["norm"] == result["winner"]["norm"] and len(kept["test_errors"]) == SEEDS
+    assert result["winner"]["test_errors"] == kept["test_errors"]
+    # writing the answer again reads nothing more
+    monkeypatch.setattr(Trainer, "read_test", lambda self: pytest.fail("the test set was read again"))
+    again = results.collect(trials.Search(out, spec_of_the_tests()))
+    assert again["winner"]["test_errors"] == kept["test_errors"]
 
 
 def load_study(out):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 SCHEDULES = ("step", "multistep", "cosine")
 FAST_PATHS = ("off", "graph", "compile")  # --fast-path (train/fast.py)
+WARMUP_SHAPES = ("linear", "constant")
 MAX_EPOCHS = 10_000
 RAMP = RenormRamp()  # the paper's ramp, scaled to the run's length
 # RunConfig fields added after normlab 0.1. Left out of a config's dict (and so of its run id
@@ -51,8 +52,8 @@ class RunConfig:
     schedule: str = "step"        # step | multistep | cosine
     step_size: int = 30           # step: lr / 10 every step_size epochs
     milestones: tuple[int, ...] = ()  # multistep: lr / 10 at these epochs
-    warmup_epochs: float = 0.0    # linear warm-up from warmup_factor * lr
-    warmup_factor: float = 0.1
+    warmup_epochs: float = 0.0    # warm-up over this many epochs (or warmup_steps steps)
+    warmup_factor: float = 0.1    # the warm-up starts at (linear) or stays at (constant) factor * lr
     data: str = "sample"
     val_split: int = 0
     shortcut: str = "A"
@@ -66,6 +67,9 @@ class RunConfig:
     brn_r_end: float = later(RAMP.r_end)   # r_max reaches brn_r_max here
     brn_d_end: float = later(RAMP.d_end)   # d_max reaches brn_d_max here
     precise_bn: int = later(0)             # PreciseBN: statistics over this many images (0: off)
+    warmup_steps: int = later(0)           # a warm-up counted in steps instead of epochs
+    warmup_shape: str = later("linear")    # linear: factor * lr rising to lr; constant: factor * lr,
+    #                                        then lr (He et al.'s ResNet-110: 0.01 for 400 steps, then 0.1)
 
     @property
     def lr(self) -> float:
@@ -131,9 +135,10 @@ class RunConfig:
         for name in ("base_lr",):
             if not getattr(self, name) > 0:
                 raise NormlabError(f"{flag(name)} must be a positive number, got {getattr(self, name)}")
-        for name in ("momentum", "weight_decay", "warmup_epochs", "val_split", "seed"):
+        for name in ("momentum", "weight_decay", "warmup_epochs", "warmup_steps", "val_split", "seed"):
             if getattr(self, name) < 0:
                 raise NormlabError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        self.validate_warmup()
         if self.sync_bn and (norm.kind != "bn" or norm.mode):
             what = f"is BN's {norm.mode} ablation" if norm.mode else "is not BN" if norm.batch_dependent else "has none"
             raise NormlabError(f"--sync-bn synchronises BN's batch statistics, but norm '{self.norm}' "
@@ -167,6 +172,19 @@ class RunConfig:
             raise NormlabError(f"unknown shortcut '{self.shortcut}'; use A or B")
         return self
 
+    def validate_warmup(self) -> None:
+        if self.warmup_epochs and self.warmup_steps:
+            raise NormlabError(f"a warm-up is counted in epochs or in steps, not both (got {self.warmup_epochs:g} "
+                               f"epochs and {self.warmup_steps} steps); give one, e.g. --warmup 400steps")
+        if self.warmup_epochs > self.epochs:
+            raise NormlabError(f"a warm-up of {self.warmup_epochs:g} epochs is longer than the run ({self.epochs} "
+                               f"epochs); shorten it, or count it in steps (e.g. --warmup 400steps)")
+        if self.warmup_shape not in WARMUP_SHAPES:
+            raise NormlabError(f"unknown warm-up shape '{self.warmup_shape}'; use one of: {', '.join(WARMUP_SHAPES)}")
+        if not 0 < self.warmup_factor <= 1:
+            raise NormlabError(f"the warm-up factor must be in (0, 1] (the warm-up's lr is factor x lr), "
+                               f"got {self.warmup_factor}")
+
     def validate_norm_options(self, norm) -> None:
         ramp = [f for f in dataclasses.fields(self) if f.name.startswith("brn_")]
         changed = [f.name for f in ramp if getattr(self, f.name) != f.default]
@@ -190,18 +208,30 @@ class RunConfig:
             raise NormlabError(f"--precise-bn recomputes running statistics, which {norm.canonical()} does not "
                                f"keep; use it with bn, brn or evonorm-b0 (or their +ws forms), or drop it")
 
-    def lr_at(self, epoch: float) -> float:
-        """Learning rate at a fractional epoch (0 = start of training)."""
+    def lr_at(self, epoch: float, steps_per_epoch: int | None = None) -> float:
+        """Learning rate at a fractional epoch (0 = start of training); a warm-up counted in
+        steps needs the run's steps per epoch."""
         if self.schedule == "step":
             factor = 0.1 ** int(epoch // self.step_size)
         elif self.schedule == "multistep":
             factor = 0.1 ** sum(epoch >= m for m in self.milestones)
         else:
             factor = 0.5 * (1 + math.cos(math.pi * min(epoch / self.epochs, 1.0)))
-        if epoch < self.warmup_epochs:
-            t = epoch / self.warmup_epochs
-            factor *= self.warmup_factor + (1 - self.warmup_factor) * t
-        return self.lr * factor
+        return self.lr * factor * self.warmup_at(epoch, steps_per_epoch)
+
+    def warmup_at(self, epoch: float, steps_per_epoch: int | None = None) -> float:
+        """The warm-up's factor on the lr at a fractional epoch: 1 once it is over."""
+        if self.warmup_steps:
+            if not steps_per_epoch:
+                raise ValueError("a warm-up in steps needs the run's steps per epoch")
+            done, length = round(epoch * steps_per_epoch), self.warmup_steps  # whole steps taken
+        else:
+            done, length = epoch, self.warmup_epochs
+        if done >= length:
+            return 1.0
+        if self.warmup_shape == "constant":
+            return self.warmup_factor
+        return self.warmup_factor + (1 - self.warmup_factor) * done / length
 
 
 def flag(name: str) -> str:
@@ -251,3 +281,5 @@ class RuntimeOptions:
     fast_path: str = "off"        # off | graph | compile: whole-step CUDA paths (train/fast.py)
     probes: bool | None = False   # probes.py after every epoch, into probes.csv; None: where they
                                   # cost at most 5 % of the run's training (probes.by_default)
+    test_set: bool = True               # evaluate the test set every epoch; off: its columns are NaN
+    #                                     (search-groups: read once, for the winner, by Trainer.read_test)

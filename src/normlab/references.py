@@ -1,11 +1,14 @@
 """Published numbers, each with its source and its setup, read from references.yaml.
 
 The file ships in the package; `normlab report --references FILE` reads another of the same
-form. A *setting* is (model, data set, devices): a published number is this study's setting
-only when all three match, and is otherwise always shown with its setup ("ImageNet, ResNet-50,
-8 GPUs × N images"), never as if it were this study's. `load` checks the whole file and
-raises NormlabError naming the first problem; the report then goes on without published
-numbers (one warning line).
+form. A number is placed beside the study's at its batch size per device, and is of this
+study's setting (`Published.same_setting`) only when the model, the data set, the devices and
+the training recipe (epochs and the lr schedule: decay points, lr per image of a device's
+batch, warm-up, SyncBN) all match, so that devices × per-device batch, epochs and schedule are
+the study's; otherwise it is always shown with its setup ("ImageNet, ResNet-50, 8 GPUs × N
+images"), never as if it were this study's. A setting without a `recipe` is never the study's.
+`load` checks the whole file and raises NormlabError naming the first problem; the report then
+goes on without published numbers (one warning line).
 """
 from __future__ import annotations
 
@@ -16,12 +19,16 @@ from pathlib import Path
 
 import yaml
 
+from .config import RunConfig
 from .errors import NormlabError
 from .norms import canonical_norm
 
 SOURCE_KEYS = {"name", "cite"}
-SETTING_KEYS = {"source", "model", "data", "devices", "setup", "metric", "approx", "errors"}
-ENTRY_KEYS = {"model", "norm", "batch_size", "error", "where", "note"}
+SETTING_KEYS = {"source", "model", "data", "devices", "setup", "metric", "approx", "recipe", "errors"}
+ENTRY_KEYS = {"model", "norm", "batch_size", "error", "where", "note", "recipe"}
+# The training recipe of a setting, in run-config fields (an entry's recipe adds to its setting's).
+RECIPE_KEYS = {"epochs", "schedule", "step_size", "milestones", "base_lr", "base_batch", "warmup_epochs",
+               "warmup_steps", "warmup_shape", "warmup_factor", "sync_bn"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Published:
     error: float         # percent
     where: str = ""      # table or figure in the source
     note: str = ""
+    recipe: tuple = ()   # (field, value) pairs of a run config: epochs, schedule, lr rule, warm-up
 
     @property
     def setting(self) -> tuple[str, str, str, int]:
@@ -55,8 +63,23 @@ class Published:
         digits = f"{self.error:.2f}".rstrip("0")
         return ("≈ " if self.approx else "") + (digits + "0" if digits.endswith(".") else digits)
 
-    def same_setting(self, model: str, data: str, devices: int) -> bool:
-        return (self.model, self.data, self.devices) == (model, data, devices)
+    def same_setting(self, cfg: RunConfig) -> bool:
+        """Whether a run of config `cfg` is in this number's setting: same model, data set and
+        devices, and the same recipe (`recipe_of`). The batch per device is matched where the
+        number is placed (beside the study's at the same batch size per device)."""
+        if not self.recipe or (self.model, self.data, self.devices) != (cfg.model, cfg.data, cfg.virtual_gpus):
+            return False
+        return recipe_of(RunConfig(**dict(self.recipe))) == recipe_of(cfg)
+
+
+def recipe_of(cfg: RunConfig) -> tuple:
+    """What makes two runs' training the same beyond model, data and devices: epochs, the lr
+    schedule (decay points; lr per image of a device's batch, the linear scaling rule's slope),
+    the warm-up, and BN's statistics over one device or all."""
+    decay = {"step": cfg.step_size, "multistep": tuple(cfg.milestones), "cosine": None}[cfg.schedule]
+    warm = (cfg.warmup_epochs, cfg.warmup_steps, cfg.warmup_shape, round(cfg.warmup_factor, 12)) \
+        if cfg.warmup_epochs or cfg.warmup_steps else None
+    return (cfg.epochs, cfg.schedule, decay, round(cfg.base_lr / cfg.base_batch, 15), warm, cfg.sync_bn)
 
 
 def default_path():
@@ -84,7 +107,7 @@ def load(path: str | Path | None = None) -> list[Published]:
     out, seen = [], set()
     for i, setting in enumerate(data["settings"], 1):
         at = f"{where}: setting {i}"
-        check_keys(setting, SETTING_KEYS, SETTING_KEYS - {"model"}, at)
+        check_keys(setting, SETTING_KEYS, SETTING_KEYS - {"model", "recipe"}, at)
         if setting["source"] not in sources:
             raise NormlabError(f"{at}: unknown source '{setting['source']}'; known: {', '.join(sources)}")
         if not isinstance(setting["errors"], list) or not setting["errors"]:
@@ -103,7 +126,8 @@ def load(path: str | Path | None = None) -> list[Published]:
                 metric=text_field(merged, "metric", here), approx=flag(merged, "approx", here),
                 norm=norm_field(merged, here), batch_size=whole(merged, "batch_size", here),
                 error=percent(merged, here), where=str(merged.get("where", "")),
-                note=str(merged.get("note", "")))
+                note=str(merged.get("note", "")),
+                recipe=recipe_field({**(setting.get("recipe") or {}), **(entry.get("recipe") or {})}, here))
             key = published.setting + (published.norm, published.batch_size)
             if key in seen:
                 raise NormlabError(f"{here}: a second number for {published.norm} at batch "
@@ -122,6 +146,22 @@ def check_keys(value, known: set, required: set, where: str) -> None:
     missing = sorted(required - set(value))
     if missing:
         raise NormlabError(f"{where}: missing '{missing[0]}'")
+
+
+def recipe_field(recipe, where: str) -> tuple:
+    """A recipe as sorted (field, value) pairs, checked as run-config fields."""
+    if not isinstance(recipe, dict):
+        raise NormlabError(f"{where}: 'recipe' must be a mapping of run settings, e.g. "
+                           f"{{epochs: 100, schedule: step, step_size: 30}}")
+    unknown = sorted(set(recipe) - RECIPE_KEYS)
+    if unknown:
+        raise NormlabError(f"{where}: unknown recipe key '{unknown[0]}'; known: {', '.join(sorted(RECIPE_KEYS))}")
+    cfg = RunConfig.from_dict(recipe, where=f"{where}: recipe")
+    try:
+        recipe_of(cfg)
+    except KeyError:
+        raise NormlabError(f"{where}: recipe: unknown schedule '{cfg.schedule}'; use step, multistep or cosine") from None
+    return tuple(sorted((k, getattr(cfg, k)) for k in recipe))
 
 
 def text_field(values: dict, key: str, where: str) -> str:

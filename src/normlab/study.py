@@ -1,7 +1,9 @@
 """Studies: named grids of runs, expanded from YAML, handed to a backend (backends/).
 
 A preset (presets/*.yaml, or the user's own file) has `base` (RunConfig fields shared by every
-run) and `studies`, each a list of grids: dicts whose list values are crossed. Runs are
+run) and `studies`, each a list of grids: dicts whose list values are crossed; optional `rules`
+set fields of the runs that match a condition (`when`: field -> value, or a list of values),
+e.g. He et al.'s warm-up for ResNet-110 wherever it trains at their lr per image or above. Runs are
 identified by their config, so a run shared by two studies is trained once. The runner skips
 finished runs, resumes unfinished ones, and never runs one run twice at the same time
 (each holds its run directory's lock), whichever backend trains them.
@@ -23,7 +25,7 @@ from .data import SIZES
 from .errors import NormlabError
 from .records import write_record
 
-PRESET_KEYS = {"name", "description", "workers", "seeds", "base", "studies", "probes"}
+PRESET_KEYS = {"name", "description", "workers", "seeds", "base", "studies", "probes", "rules"}
 
 
 @dataclass
@@ -104,6 +106,7 @@ def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | Non
         if missing:
             raise NormlabError(f"no study '{missing[0]}' in {where}; it has: {', '.join(studies)}")
         studies = {k: v for k, v in studies.items() if k in only}
+    rules = read_rules(preset.get("rules"), where)
     runs: dict[str, RunConfig] = {}
     membership: dict[str, list[str]] = {}
     for study, grids in studies.items():
@@ -120,12 +123,46 @@ def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | Non
             for combo in itertools.product(*values):
                 for seed in range(seeds):
                     fields = {**base, **dict(zip(keys, combo)), "seed": base.get("seed", 0) + seed}
+                    fields = apply_rules(rules, fields, overrides or {})
                     cfg = RunConfig.from_dict(fields, where=f"{where} ({study})").normalized().validate()
                     run_id = cfg.run_id()
                     runs.setdefault(run_id, cfg)
                     if run_id not in ids:
                         ids.append(run_id)
     return Study(preset.get("name", where), preset.get("description", ""), workers, runs, membership, probes)
+
+
+def read_rules(rules, where: str) -> list[tuple[dict, dict]]:
+    """A preset's rules as (when, set) pairs, checked: both mappings of RunConfig fields."""
+    if rules is None:
+        return []
+    known = set(RunConfig.__dataclass_fields__)
+    shape = f"{where}: 'rules' must be a list of {{when: {{field: value}}, set: {{field: value}}}}"
+    if not isinstance(rules, list):
+        raise NormlabError(shape)
+    out = []
+    for rule in rules:
+        if not isinstance(rule, dict) or set(rule) != {"when", "set"} or \
+                not all(isinstance(rule[k], dict) and rule[k] for k in ("when", "set")):
+            raise NormlabError(shape)
+        unknown = sorted((set(rule["when"]) | set(rule["set"])) - known)
+        if unknown:
+            raise NormlabError(f"{where}: a rule names '{unknown[0]}', which is not a run setting")
+        out.append((rule["when"], rule["set"]))
+    return out
+
+
+def apply_rules(rules: list[tuple[dict, dict]], fields: dict, overrides: dict) -> dict:
+    """The run's fields with each matching rule's settings; a rule any of whose settings --set
+    gives is left out (--set wins)."""
+    defaults = RunConfig()
+    for when, settings in rules:
+        def holds(key, wanted):
+            value = fields.get(key, getattr(defaults, key))
+            return value in wanted if isinstance(wanted, list) else value == wanted
+        if all(holds(k, v) for k, v in when.items()) and not set(settings) & set(overrides):
+            fields = {**fields, **settings}
+    return fields
 
 
 def steps_per_epoch(cfg: RunConfig) -> int:

@@ -50,8 +50,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-size", type=int, default=d.step_size, help="(default: %(default)s)")
     g.add_argument("--milestones", type=int, nargs="+", default=list(d.milestones),
                    help="epochs at which multistep divides the lr by 10, e.g. 82 123")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                   help="linear warm-up from 0.1*lr over this many epochs (default: %(default)s)")
+    g.add_argument("--warmup", metavar="LENGTH[:SHAPE]",
+                   help="a warm-up of LENGTH epochs (2, 0.5epochs) or steps (400steps); SHAPE linear "
+                        "(from --warmup-factor x lr up to lr, the default) or constant (--warmup-factor x "
+                        "lr, then lr: He et al.'s ResNet-110 is --warmup 400steps:constant) (default: none)")
+    g.add_argument("--warmup-factor", type=float, default=d.warmup_factor, metavar="F",
+                   help="the warm-up's lr is F x lr (constant) or starts there (linear) (default: %(default)s)")
     g.add_argument("--data", default=d.data, choices=DATA_CHOICES,
                    help="sample: 4,000/1,000 real CIFAR-10 images bundled with normlab; cifar10, "
                         "cifar100: the full sets from --data-dir (default: %(default)s)")
@@ -191,11 +195,31 @@ def log_options(args, out, study: str):
     return options(tools, args.log_every, out, study) if tools else None
 
 
+def parse_warmup(text: str | None) -> dict:
+    """--warmup '2', '0.5epochs', '400steps', each optionally ':linear' or ':constant', as run
+    config fields."""
+    if text is None:
+        return {}
+    length, _, shape = text.strip().lower().partition(":")
+    number = length.removesuffix("epochs").removesuffix("epoch").removesuffix("steps").removesuffix("step")
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    steps = length.endswith(("steps", "step"))
+    if value is None or value < 0 or (steps and not value.is_integer()) or shape not in ("", "linear", "constant"):
+        raise NormlabError(f"--warmup {text}: give a length in epochs (2, 0.5epochs) or whole steps (400steps), "
+                           f"optionally followed by :linear or :constant, e.g. --warmup 400steps:constant")
+    return {("warmup_steps" if steps else "warmup_epochs"): int(value) if steps else value,
+            "warmup_shape": shape or "linear"}
+
+
 def run_config(args, processes: int = 1) -> RunConfig:
     """The run config of `normlab train`; under torchrun the K processes are its K devices,
     so that the run is the same (same id) as --virtual-gpus K in one process."""
     fields = RunConfig.__dataclass_fields__
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    values.update(parse_warmup(getattr(args, "warmup", None)))
     if values.get("precise_bn") is not None and values["precise_bn"] < 1:
         raise NormlabError(f"--precise-bn must be a positive number of training images, got {values['precise_bn']}")
     values["precise_bn"] = values.get("precise_bn") or 0

@@ -38,7 +38,10 @@ def cmd_reproduce(args) -> int:
             trained, evaluated = images_per_run(cfg)
             total_train += trained
             total_eval += evaluated
-            print(f"{rid:<40} {cfg.lr:>8.4g} {steps_per_epoch(cfg):>9} {trained:>12,} {evaluated:>10,}")
+            warm = (f"  warm-up {cfg.warmup_epochs:g} epochs" if cfg.warmup_epochs else
+                    f"  warm-up {cfg.warmup_steps} steps" if cfg.warmup_steps else "")
+            warm += f" ({cfg.warmup_shape}, {cfg.warmup_factor:g} x lr)" if warm else ""
+            print(f"{rid:<40} {cfg.lr:>8.4g} {steps_per_epoch(cfg):>9} {trained:>12,} {evaluated:>10,}{warm}")
         print(f"total: {total_train:,} training images (forward + backward), {total_eval:,} evaluated")
         return 0
     # probes: --probes / --no-probes, else the preset's choice, else where they cost at most 5 %

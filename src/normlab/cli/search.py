@@ -42,7 +42,7 @@ def cmd_search_groups(args) -> int:
     if state != "done":
         print("normlab: stopped; run the same command again to resume the search", file=sys.stderr)
         return EXIT_INTERRUPTED
-    result = collect(search)
+    result = collect(search, opts)
     json_path, md_path = write(search, result)
     print("\n" + text(result))
     print(f"wrote {json_path} and {md_path}")

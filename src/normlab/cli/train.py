@@ -80,7 +80,7 @@ def train_run(args, group) -> int:
         if status["state"] == "diverged":
             print(f"normlab: error: {where} diverged in epoch {status.get('diverged_in_epoch')} (the loss "
                   f"became NaN or infinite; earlier epochs are kept); lower --base-lr or add "
-                  f"--warmup-epochs, with --force to start it afresh", file=sys.stderr)
+                  f"--warmup (e.g. --warmup 1), with --force to start it afresh", file=sys.stderr)
             code = 2
         elif group.writer:
             k = summary.get("final_epochs", 5)

@@ -9,16 +9,11 @@ from .. import references as refs_module
 from .. import rundir
 from ..errors import NormlabError
 from ..records import read_records
-from . import findings, sections, tidy
+from . import findings, sections, setups, tidy
 from .figures import pyplot
 from .runs import Warn, group_points, load_runs, warn_stderr
 from .studies import Study, studies_of
 from .tables import SIGNS, all_runs_table, number, seeds_notice, setup_lines
-
-
-def model_order(model: str):
-    digits = "".join(c for c in model if c.isdigit())
-    return (int(digits) if digits else 0, model)
 
 
 def load_published(path, warn: Warn) -> list:
@@ -34,11 +29,12 @@ CLAIM_PARTS = {"norms", "batch-size", "groups"}  # the parts of a study that the
 
 
 def build_report(root: str | Path, references: str | Path | None = None, warn: Warn = warn_stderr,
-                 out: str | Path | None = None) -> Path:
-    """Write out/report.md (findings first, then a section per study), out/figures/<study>/*.png,
-    out/results.csv and out/curves.csv from the run directories under root (out is root unless
-    given: a read-only results directory is reported elsewhere). `references` replaces the
-    published numbers shipped with normlab (references.yaml). Damaged run directories and a
+                 out: str | Path | None = None, flat_margin: float = findings.FLAT_MARGIN) -> Path:
+    """Write out/report.md (findings first, then a section per study and, within it, per setup:
+    setups.py), out/figures/<study>/*.png, out/results.csv and out/curves.csv from the run
+    directories under root (out is root unless given: a read-only results directory is reported
+    elsewhere). `references` replaces the published numbers shipped with normlab
+    (references.yaml); `flat_margin` is the band of the "flat" claim, in points. Damaged run directories and a
     damaged reference table are skipped with one warning each (through `warn`); figures that
     this report did not draw (left by an earlier one) are removed."""
     root = Path(root)
@@ -68,7 +64,8 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     single = all(len(p.finals) < 2 for p in group_points(runs).values())
     found_claims, untested, body, written = [], [], [], set()
     for study in studies:
-        claims, cannot, lines = study_section(study, published, plt, figures, single, written, len(studies) > 1)
+        claims, cannot, lines = study_section(study, published, plt, figures, single, written, len(studies) > 1,
+                                              flat_margin)
         found_claims += claims
         untested += cannot
         body += lines
@@ -85,7 +82,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     md += [f"Tidy results: `{tidy.RESULTS}` (one row per run), `{tidy.CURVES}` (one row per run and "
            f"epoch) and `{tidy.PROBES}` (one row per run, epoch, layer and probe, for runs trained with "
            f"probes) beside this file; `normlab.load_results(\"{out}\")` reads them.", ""]
-    md += findings.section(found_claims, untested)
+    md += findings.section(found_claims, untested, flat_margin)
     md += body
     path = out / "report.md"
     rundir.atomic_write(path, "\n".join(md).encode())
@@ -95,8 +92,9 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
 
 
 def study_section(study: Study, published: list, plt, figures: Path, single: bool, written: set,
-                  several: bool) -> tuple[list, list[str], list[str]]:
-    """One study's findings, the claims it cannot test, and its section of report.md."""
+                  several: bool, flat_margin: float = findings.FLAT_MARGIN) -> tuple[list, list[str], list[str]]:
+    """One study's findings, the claims it cannot test, and its section of report.md: a part per
+    setup (runs equal but for norm, batch and seed; never compared with each other's)."""
     progress = study.progress()
     md = [f"## Study: {study.name}", ""]
     if study.description and several:
@@ -111,22 +109,23 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
         return [], [], md + ["No run of this study has started yet.", ""]
     md += ["Setup:", ""] + setup_lines(study.runs) + [""]
     claims, untested = [], []
-    for model in sorted({r.cfg.model for r in study.runs}, key=model_order):
-        model_runs = [r for r in study.runs if r.cfg.model == model]
-        mine = refs_module.for_model(published, model)
-        name = f"{model}, {study.name}" if several else model
+    for setup in setups.partition(study.runs):
+        model_runs, model = setup.runs, setup.slug
+        mine = refs_module.for_model(published, setup.model)
+        name = f"{setup.title}, {study.name}" if several else setup.title
 
         def points_of(*parts):
             chosen = [r for r in model_runs if any(r.id in study.members.get(n, set()) for n in parts)]
             return list(group_points(chosen).values())
 
         if CLAIM_PARTS & set(study.members):  # a study of other parts (the zoo) tests none of the claims
-            found, cannot = findings.findings(name, points_of("batch-size", "norms"), points_of("groups"), mine)
+            found, cannot = findings.findings(name, setup.cfg, points_of("batch-size", "norms"), points_of("groups"),
+                                              mine, flat_margin)
             claims += found
             untested += [f"{name}: {u}" for u in cannot]
             if cannot and progress:  # said once per study, after its claims
                 untested.append(f"{name}: the study is {progress}; more claims may be tested when it completes")
-        md += [f"### {model}", ""]
+        md += [f"### {setup.title}", ""]
         folder = figures / study.folder
         folder.mkdir(exist_ok=True)
         parts = list(sections.SECTIONS) + [n for n in study.members if n not in sections.SECTIONS]
@@ -136,7 +135,8 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
                 continue
             title, section = sections.SECTIONS.get(part, (f"Part '{part}'", sections.generic))
             ctx = sections.Context(plt, model, points, folder, mine, link=f"figures/{study.folder}",
-                                   study=study.name, single=single, number=number(model_runs), written=written)
+                                   study=study.name, single=single, number=number(model_runs), written=written,
+                                   setup=setup.title)
             md += [f"#### {title}", ""] + section(ctx)
         md += ["#### All runs", "", all_runs_table(model_runs), ""]
     return claims, untested, md

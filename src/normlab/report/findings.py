@@ -1,11 +1,12 @@
-"""Findings: each claim of the implementation report and the GN paper that a study can test,
-with this study's numbers and a verdict: agrees, disagrees or inconclusive.
+"""Findings: each claim of the implementation report and the GN paper that a setup's runs can
+test, with their numbers and a verdict: agrees, disagrees or inconclusive.
 
-The verdict rules are the docstrings of `sign_verdict`, `flat_verdict` and `best_verdict`;
-the report prints them, so the text a reader sees is the rule the code applies. Every
-interval is a 95 % interval over seeds (Student t for a mean, Welch for a difference,
-Welch-Satterthwaite for a difference of differences; see stats.py), not corrected for the
-number of claims tested.
+A setup (setups.py) holds runs that differ only in norm, batch size and seed, so every claim
+compares like with like. The verdict rules are the docstrings of `sign_verdict`,
+`flat_verdict` and `best_verdict`, and `RULES` says how seeds count and are compared; the
+report prints them, so the text a reader sees is the rule the code applies. Each claim's chance
+of a false "agrees" or "disagrees" is at most 5 % (tests/test_verdicts.py checks it by
+simulation); claims are not corrected against each other.
 """
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ import collections
 import inspect
 from dataclasses import dataclass
 
+from ..config import RunConfig
 from ..references import Published, find, settings
-from ..stats import Summary, contrast, difference, format_difference, format_summary
+from ..stats import LEVEL, Summary, contrast, difference, format_difference, format_summary, holm, holm_adjusted
 from .labels import family, label, sweep_value
 from .published import short_setting, sweep_gn
 from .runs import Point
 from .tables import table
 
 AGREES, DISAGREES, INCONCLUSIVE = "agrees", "disagrees", "inconclusive"
-FLAT_MARGIN = 1.0  # points of error: a change smaller than this counts as flat
-NO_INTERVAL = "fewer than 2 finished seeds on a side: no interval"
+ALPHA = 1 - LEVEL
+FLAT_MARGIN = 1.0  # points of error: a change smaller than this counts as flat (--flat-margin)
+NO_INTERVAL = "fewer than 2 seeds that count on a side: no interval"
 # What a source says in words where it gives no numbers (shown when that source is loaded).
 SAID = {"bn-degrades": ("impl-report", "impl. report, CIFAR-10 ResNet-56: BN holds up down to batch 8 "
                                        "(≈, read off its figure)"),
@@ -33,8 +36,8 @@ SAID = {"bn-degrades": ("impl-report", "impl. report, CIFAR-10 ResNet-56: BN hol
 class Finding:
     claim: str
     published: str      # what the sources measured, each with its setting
-    model: str
-    numbers: str        # this study's numbers
+    setup: str          # the setup's title (model, devices × N, what tells it apart)
+    numbers: str        # this setup's numbers
     verdict: str
     why: str = ""       # the reason for an inconclusive verdict
 
@@ -43,7 +46,7 @@ def sign_verdict(d: Summary | None, expected: int) -> tuple[str, str]:
     """A claim that one error is higher than another: the difference d (predicted positive,
     or negative) agrees when its 95 % interval lies wholly on the predicted side of 0,
     disagrees when it lies wholly on the other side, and is inconclusive when the interval
-    contains 0 or when a point has fewer than 2 finished seeds (no interval)."""
+    contains 0 or when a point has fewer than 2 seeds that count (no interval)."""
     if d is None or not d.has_interval:
         return INCONCLUSIVE, NO_INTERVAL
     if expected * d.low > 0 and expected * d.high > 0:
@@ -53,52 +56,100 @@ def sign_verdict(d: Summary | None, expected: int) -> tuple[str, str]:
     return INCONCLUSIVE, "the interval contains 0"
 
 
-def flat_verdict(d: Summary | None) -> tuple[str, str]:
-    """A claim that an error stays flat: the change d agrees when its 95 % interval lies wholly
-    within ± FLAT_MARGIN points, disagrees when it lies wholly outside that band (a real
-    change), and is inconclusive otherwise (the interval is too wide to tell) or with fewer
-    than 2 finished seeds per point."""
-    if d is None or not d.has_interval:
-        return INCONCLUSIVE, NO_INTERVAL
-    if -FLAT_MARGIN < d.low and d.high < FLAT_MARGIN:
-        return AGREES, ""
-    if d.low > FLAT_MARGIN or d.high < -FLAT_MARGIN:
-        return DISAGREES, ""
-    return INCONCLUSIVE, f"the interval reaches beyond ± {n_points(FLAT_MARGIN)}"
+def outside(d: Summary, margin: float) -> float:
+    """p-value of 'the change lies beyond ± margin' (two-sided like the 95 % interval: at most
+    0.05 exactly when that interval lies wholly above margin or wholly below −margin)."""
+    return min(1.0, 2 * min(d.p_value(margin, +1), d.p_value(-margin, -1)))
 
 
-def best_verdict(claimed, points: dict, name=str) -> tuple[str, str]:
-    """A claim that one setting S is the best: it agrees when, against every other setting
-    tested, the 95 % interval of S's error minus the other's lies wholly below 0; it disagrees
-    when some other setting's is wholly above 0 (that setting is better); otherwise, or with
-    fewer than 2 finished seeds per point, it is inconclusive (S is tied with some setting)."""
-    diffs = {v: difference(points[claimed].finals, p.finals) for v, p in points.items() if v != claimed}
-    if any(d is None or not d.has_interval for d in diffs.values()):
+def flat_verdict(changes: list[Summary | None], margin: float = FLAT_MARGIN) -> tuple[str, str]:
+    """A claim that an error stays flat: the change from the largest batch to each smaller one
+    agrees when every change's 95 % interval lies within ± FLAT_MARGIN points, disagrees when
+    some change lies beyond that band (its p-value of 'beyond the band' below 5 % after Holm's
+    correction across the batch sizes), and is inconclusive otherwise (an interval too wide
+    to tell) or with fewer than 2 seeds that count per point."""
+    if not changes or any(d is None or not d.has_interval for d in changes):
         return INCONCLUSIVE, NO_INTERVAL
-    if any(d.low > 0 for d in diffs.values()):
-        return DISAGREES, ""
-    if all(d.high < 0 for d in diffs.values()):
+    if all(-margin < d.low and d.high < margin for d in changes):
         return AGREES, ""
-    tied = sorted(v for v, d in diffs.items() if d.high >= 0)
-    return INCONCLUSIVE, f"tied with {', '.join(name(v) for v in tied)}"
+    if any(holm([outside(d, margin) for d in changes], ALPHA)):
+        return DISAGREES, ""
+    return INCONCLUSIVE, f"an interval reaches beyond ± {n_points(margin)}"
+
+
+def best_verdict(claimed, values: dict, name=str) -> tuple[str, str]:
+    """A claim that one setting S is the best: S's error minus each other setting's, tested
+    two-sided with Holm's correction across the other settings (family-wise 5 %). It agrees
+    when every difference is significantly below 0, disagrees when some other setting is
+    significantly better, and is otherwise inconclusive (S is tied with the settings named),
+    as it is with fewer than 2 seeds that count per point."""
+    others = [v for v in values if v != claimed]
+    diffs = [difference(values[claimed], values[v]) for v in others]
+    if not others or any(d is None or not d.has_interval for d in diffs):
+        return INCONCLUSIVE, NO_INTERVAL
+    p = [d.p_value() for d in diffs]
+    rejected = holm(p, ALPHA)
+    if any(r and d.mean > 0 for r, d in zip(rejected, diffs)):
+        return DISAGREES, ""
+    if all(r and d.mean < 0 for r, d in zip(rejected, diffs)):
+        return AGREES, ""
+    adjusted = holm_adjusted(p)
+    tied = sorted((v, q) for v, q, r in zip(others, adjusted, rejected) if not r)
+    return INCONCLUSIVE, "tied with " + ", ".join(f"{name(v)} (Holm-adjusted p {q:.2f})" for v, q in tied)
 
 
 def n_points(x: float) -> str:
     return f"{x:g} point" + ("" if x == 1 else "s")
 
 
-def rules() -> list[str]:
+RULES = [  # the sign convention (A − B, positive where A is worse) is said once, atop the report
+    "Seeds that count: a finished seed gives the median test error of its final epochs; a diverged "
+    "seed counts at chance error (90 % on CIFAR-10, 99 % on CIFAR-100), the error of the model it "
+    "leaves (its weights are not finite, so it gives every image the same class). Leaving it out "
+    "would report the surviving seeds only, biased in favour of the norm that diverged (typically BN "
+    "at small batches, where the main claim lies); counting it widens the interval, so that one "
+    "diverged seed of several leaves a verdict inconclusive unless the difference is large, and a "
+    "setting that diverges with most seeds loses. Failed seeds (crashes) and unfinished ones are left "
+    "out; every point says how many of its seeds diverged, failed or are unfinished.",
+    "A difference is paired over seeds when both points hold the same seeds (in normlab the same seed "
+    "gives every norm the same initial convolutions and data order, so per-seed differences remove the "
+    "seed's share of the spread) and uses Welch's interval otherwise; each difference says which.",
+    "Each claim's chance of a false *agrees* or *disagrees* is at most 5 %: 2.5 % each way for a claim "
+    "on one difference, and Holm's correction across the comparisons of a claim that makes several "
+    "(\"S is the best\", \"flat at every batch size\"). Claims are not corrected against each other: "
+    "with k claims expect up to 0.05 k false verdicts.",
+    "\"Lowest\" names the setting with the lowest mean test error: it is chosen on the same test-set "
+    "numbers, so it describes these runs and is no finding; the verdict is the test.",
+]
+
+
+def flat_reason(margin: float) -> str:
+    return (f"The flat margin is ± {n_points(margin)} (`normlab report --flat-margin`; choose it from "
+            f"your question, before looking at the results). The default of 1 point lies well above the "
+            f"published movement of GN across batch sizes (0.2 points from 32 to 2 images per GPU on "
+            f"ImageNet, GN paper Table 2) and the seed-to-seed spread of a CIFAR-10 ResNet (std 0.16 over "
+            f"5 runs of He et al.'s ResNet-110), and a tenth of BN's published degradation (11.1 points).")
+
+
+def rules(margin: float = FLAT_MARGIN) -> list[str]:
     """The verdict rules as the report prints them."""
-    return [inspect.cleandoc(f.__doc__).replace("\n", " ").replace("FLAT_MARGIN points", n_points(FLAT_MARGIN))
-            for f in (sign_verdict, flat_verdict, best_verdict)]
+    verdicts = [inspect.cleandoc(f.__doc__).replace("\n", " ").replace("FLAT_MARGIN points", n_points(margin))
+                for f in (sign_verdict, flat_verdict, best_verdict)]
+    return verdicts + RULES + [flat_reason(margin)]
 
 
 def fmt(point: Point) -> str:
-    return format_summary(point.summary())
+    note = point.seed_note()
+    return format_summary(point.summary()) + (f" ({note})" if note else "")
+
+
+def fmt_difference(d: Summary | None) -> str:
+    """'+1.20 [+0.40, +2.00] (paired)'."""
+    return format_difference(d) + (f" ({d.test})" if d is not None and d.has_interval and d.test else "")
 
 
 def by_norm_batch(points: list[Point]) -> dict[tuple[str, int], Point]:
-    """(norm, batch) -> point; of several (e.g. other virtual GPUs), the one with most seeds."""
+    """(norm, batch) -> point, within one setup (where there is one point per pair)."""
     out: dict[tuple[str, int], Point] = {}
     for p in points:
         key = (p.norm, p.cfg.batch_size)
@@ -125,19 +176,25 @@ def sweep(points: list[Point], key: str) -> dict[int, Point]:
 
 @dataclass
 class Evidence:
-    """What one model's runs offer the claims, and the published numbers per setting."""
-    model: str
+    """What one setup's runs offer the claims, and the published numbers per setting."""
+    setup: str
+    cfg: RunConfig                         # the setup's config (norm, batch and seed aside)
     cells: dict[tuple[str, int], Point]   # (norm, batch) -> point, from the batch-size and norms studies
     gn: str | None                         # the GN variant compared with BN
     sweeps: dict[str, dict[int, Point]]    # 'groups' / 'per_group' -> value -> point
     refs: list[list[Published]]            # the published numbers, one list per setting
+    margin: float = FLAT_MARGIN
 
     def sizes(self) -> list[int]:
         """Batch sizes with both BN and GN results."""
         return sorted({b for n, b in self.cells if n == "bn"} & {b for n, b in self.cells if n == self.gn})
 
     def finding(self, claim, sources, numbers, verdict) -> Finding:
-        return Finding(claim, "; ".join(sources) or "-", self.model, numbers, *verdict)
+        return Finding(claim, "; ".join(sources) or "-", self.setup, numbers, *verdict)
+
+    def where(self, p: Published) -> str:
+        """A source's setting, saying when it is this setup's own."""
+        return short_setting(p) + (" (same setting)" if p.same_setting(self.cfg) else "")
 
 
 def ends(numbers: list[Published], norm: str | None) -> tuple[Published | None, Published | None]:
@@ -161,18 +218,19 @@ def bn_ahead(ev: Evidence) -> list:
     if 32 not in ev.sizes():
         return [f"{claim}: no BN and GN runs at batch 32"]
     bn, gn = ev.cells[("bn", 32)], ev.cells[(ev.gn, 32)]
-    d = difference(bn.finals, gn.finals)
+    d = difference(bn.by_seed, gn.by_seed)
     sources = []
     for r in ev.refs:
         a, b = find(r, "bn", 32), find(r, sweep_gn(r) or "", 32)
         if a and b:
-            sources.append(f"{short_setting(a)}: BN {a.text()}, {label(b.norm)} {b.text()}")
-    return [ev.finding(claim, sources, f"BN {fmt(bn)}; {label(ev.gn)} {fmt(gn)}; BN − GN {format_difference(d)}",
-                       sign_verdict(d, -1))]
+            sources.append(f"{ev.where(a)}: BN {a.text()}, {label(b.norm)} {b.text()}")
+    return [ev.finding(claim, sources, f"BN {fmt(bn)}; {label(ev.gn)} {fmt(gn)}; BN − {label(ev.gn)} "
+                       f"{fmt_difference(d)}", sign_verdict(d, -1))]
 
 
 def batch_trends(ev: Evidence) -> list:
-    """BN degrades, GN stays flat, and BN − GN grows, from the largest batch to the smallest."""
+    """BN degrades, GN stays flat at every batch size, and BN − GN grows, from the largest batch
+    to the smallest."""
     sizes = ev.sizes()
     if len(sizes) < 2:
         return ["BN degrades, GN stays flat and BN − GN grows as the batch shrinks: needs BN and GN "
@@ -180,32 +238,36 @@ def batch_trends(ev: Evidence) -> list:
     large, small = max(sizes), min(sizes)
     bl, bs, gl, gs = (ev.cells[k] for k in (("bn", large), ("bn", small), (ev.gn, large), (ev.gn, small)))
     out = []
-    d = difference(bs.finals, bl.finals)
-    sources = [f"{short_setting(a)}: BN {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
+    d = difference(bs.by_seed, bl.by_seed)
+    sources = [f"{ev.where(a)}: BN {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
                for a, b in (ends(r, "bn") for r in ev.refs) if a]
     out.append(ev.finding(f"BN's error rises as the batch shrinks ({large} → {small})",
                           sources + said("bn-degrades", ev.refs),
-                          f"BN {fmt(bl)} at {large}, {fmt(bs)} at {small}; change {format_difference(d)}",
-                          sign_verdict(d, +1)))
-    d = difference(gs.finals, gl.finals)
-    sources = [f"{short_setting(a)}: {label(a.norm)} {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
+                          f"BN {fmt(bl)} at {large}, {fmt(bs)} at {small}; BN at {small} − BN at {large} "
+                          f"{fmt_difference(d)}", sign_verdict(d, +1)))
+    smaller = [b for b in reversed(sizes) if b != large]
+    changes = [difference(ev.cells[(ev.gn, b)].by_seed, gl.by_seed) for b in smaller]
+    sources = [f"{ev.where(a)}: {label(a.norm)} {a.text()} at {a.batch_size} → {b.text()} at {b.batch_size}"
                for a, b in (ends(r, sweep_gn(r)) for r in ev.refs) if a]
-    out.append(ev.finding(f"GN's error stays flat as the batch shrinks (within ± {n_points(FLAT_MARGIN)})",
-                          sources + said("gn-flat", ev.refs),
-                          f"{label(ev.gn)} {fmt(gl)} at {large}, {fmt(gs)} at {small}; change {format_difference(d)}",
-                          flat_verdict(d)))
-    growth = contrast([(1, bs.finals), (-1, gs.finals), (-1, bl.finals), (1, gl.finals)])
-    gaps = ", ".join(f"{format_difference(difference(ev.cells[('bn', b)].finals, ev.cells[(ev.gn, b)].finals))} at {b}"
+    gn_name = label(ev.gn)
+    out.append(ev.finding(f"GN's error stays flat as the batch shrinks (within ± {n_points(ev.margin)} of "
+                          f"batch {large} at every smaller batch)", sources + said("gn-flat", ev.refs),
+                          f"{gn_name} {fmt(gl)} at {large}; "
+                          + "; ".join(f"at {b}: {fmt(ev.cells[(ev.gn, b)])}, minus at {large} {fmt_difference(c)}"
+                                      for b, c in zip(smaller, changes)),
+                          flat_verdict(changes, ev.margin)))
+    growth = contrast([(1, bs.by_seed), (-1, gs.by_seed), (-1, bl.by_seed), (1, gl.by_seed)])
+    gaps = ", ".join(f"{fmt_difference(difference(ev.cells[('bn', b)].by_seed, ev.cells[(ev.gn, b)].by_seed))} at {b}"
                      for b in reversed(sizes))
     sources = []
     for r in ev.refs:
         (a, b), g = ends(r, "bn"), sweep_gn(r)
         ga, gb = (find(r, g, a.batch_size), find(r, g, b.batch_size)) if a and g else (None, None)
         if ga and gb:
-            sources.append(f"{short_setting(a)}: BN − {label(g)} {a.error - ga.error:+.1f} at {a.batch_size} "
+            sources.append(f"{ev.where(a)}: BN − {label(g)} {a.error - ga.error:+.1f} at {a.batch_size} "
                            f"→ {b.error - gb.error:+.1f} at {b.batch_size}")
     out.append(ev.finding("The gap BN − GN grows as the batch shrinks", sources,
-                          f"BN − {label(ev.gn)}: {gaps}; growth {format_difference(growth)}",
+                          f"BN − {gn_name}: {gaps}; at {small} minus at {large} {fmt_difference(growth)}",
                           sign_verdict(growth, +1)))
     return out
 
@@ -219,7 +281,7 @@ def best_setting(key: str, what: str, unit: str):
             theirs = published_sweep(r, key)
             if len(theirs) >= 2:
                 value, best = min(theirs, key=lambda vp: vp[1].error)
-                claimed[value].append(f"{short_setting(best)}: best {unit.format(value)} ({best.text()}) "
+                claimed[value].append(f"{ev.where(best)}: best {unit.format(value)} ({best.text()}) "
                                       f"of {', '.join(str(v) for v, _ in theirs)}")
         for value, sources in claimed.items():
             claim = f"{unit.format(value)} is the best {what}"
@@ -228,8 +290,9 @@ def best_setting(key: str, what: str, unit: str):
                 continue
             top = min(mine, key=lambda v: mine[v].summary().mean)
             numbers = "; ".join(f"{unit.format(v)}: {fmt(p)}" for v, p in sorted(mine.items()))
-            out.append(ev.finding(claim, sources, f"{numbers}; lowest: {unit.format(top)}",
-                                  best_verdict(value, mine, unit.format)))
+            out.append(ev.finding(claim, sources, f"{numbers}; lowest mean (chosen on these test numbers): "
+                                  f"{unit.format(top)}",
+                                  best_verdict(value, {v: p.by_seed for v, p in mine.items()}, unit.format)))
         return out
     return claims
 
@@ -240,12 +303,12 @@ def fewer_groups_worse(ev: Evidence) -> list:
     if len(mine) < 2:
         return [f"{claim}: needs a group sweep (the groups study)"]
     lo, hi = min(mine), max(mine)
-    d = difference(mine[lo].finals, mine[hi].finals)
-    sources = [f"{short_setting(theirs[0][1])}: G = {theirs[0][0]} {theirs[0][1].text()}, "
+    d = difference(mine[lo].by_seed, mine[hi].by_seed)
+    sources = [f"{ev.where(theirs[0][1])}: G = {theirs[0][0]} {theirs[0][1].text()}, "
                f"G = {theirs[-1][0]} {theirs[-1][1].text()}"
                for theirs in (published_sweep(r, "groups") for r in ev.refs) if len(theirs) >= 2]
     return [ev.finding(claim, sources, f"G = {lo}: {fmt(mine[lo])}; G = {hi}: {fmt(mine[hi])}; "
-                       f"G = {lo} − G = {hi}: {format_difference(d)}", sign_verdict(d, +1))]
+                       f"G = {lo} − G = {hi} {fmt_difference(d)}", sign_verdict(d, +1))]
 
 
 # the claims, in the report's order
@@ -253,34 +316,36 @@ CLAIMS = (bn_ahead, batch_trends, best_setting("groups", "group count", "G = {}"
           best_setting("per_group", "channels per group", "{} channels per group"))
 
 
-def findings(model: str, batch_points: list[Point], group_points: list[Point],
-             published: list[Published]) -> tuple[list[Finding], list[str]]:
-    """The findings for one model, and the claims these runs cannot test (with why)."""
+def findings(setup: str, cfg: RunConfig, batch_points: list[Point], group_points: list[Point],
+             published: list[Published], margin: float = FLAT_MARGIN) -> tuple[list[Finding], list[str]]:
+    """The findings for one setup (its title and config), and the claims these runs cannot
+    test (with why). Every point must belong to that setup."""
     cells = by_norm_batch([p for p in batch_points if p.finals])
-    ev = Evidence(model, cells, gn_of(cells), {k: sweep(group_points, k) for k in ("groups", "per_group")},
-                  list(settings(published).values()))
+    ev = Evidence(setup, cfg, cells, gn_of(cells), {k: sweep(group_points, k) for k in ("groups", "per_group")},
+                  list(settings(published).values()), margin)
     results = [item for claim in CLAIMS for item in claim(ev)]
     return [r for r in results if isinstance(r, Finding)], [r for r in results if isinstance(r, str)]
 
 
-def section(all_findings: list[Finding], untested: list[str]) -> list[str]:
+def section(all_findings: list[Finding], untested: list[str], margin: float = FLAT_MARGIN) -> list[str]:
     """The findings section of report.md."""
     md = ["## Findings", "",
           "Each claim of the implementation report (CIFAR-10) and of the GN paper (ImageNet) that "
-          "these runs can test, with this study's numbers: the median test error (%) of the final "
-          "epochs (how many: each study's setup), mean ± std over seeds [95 % interval]; differences "
-          "and changes in points of error [95 % interval].", ""]
+          "these runs can test, per setup (runs that differ only in norm, batch size and seed), with "
+          "the setup's numbers: the median test error (%) of the final epochs (how many: each study's "
+          "setup), mean ± std over seeds [95 % interval]; differences in points of error [95 % interval] "
+          "(paired or Welch).", ""]
     if all_findings:
         said_once = all(f.why == NO_INTERVAL for f in all_findings)  # the one-seed notice, at the top
-        md += [table(["claim", "published (setting)", "model", "this study", "verdict"],
-                     [[f.claim, f.published, f.model, f.numbers.replace(" (1 seed)", "") if said_once else f.numbers,
+        md += [table(["claim", "published (setting)", "setup", "this study", "verdict"],
+                     [[f.claim, f.published, f.setup, f.numbers.replace(" (1 seed)", "") if said_once else f.numbers,
                        f"**{f.verdict}**" + (f" ({f.why})" if f.why and not said_once else "")]
                       for f in all_findings]), ""]
     else:
         md += ["These runs test none of the claims below.", ""]
-    md += ["How a verdict is reached:", ""] + [f"- {rule}" for rule in rules()]
-    md += ["- Intervals are not corrected for the number of claims tested, and a verdict speaks "
-           "for this study's setting only (model, data, schedule), not for the source's.", ""]
+    md += ["How a verdict is reached:", ""] + [f"- {rule}" for rule in rules(margin)]
+    md += ["- A verdict speaks for its setup only (model, data, devices, schedule), not for the "
+           "source's.", ""]
     if untested:
         md += ["Not tested by these runs:", ""] + [f"- {u}" for u in dict.fromkeys(untested)] + [""]
     return md

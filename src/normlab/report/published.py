@@ -2,13 +2,15 @@
 
 Every published number is labelled with its setting ("GN paper, ImageNet ResNet-50 [1]") and a
 footnote gives its full setup, metric and source; numbers of another setting than the study's
-(model, data set, devices) are flagged as such: compare their trends, not their levels.
+(model, data set, devices × per-device batch, epochs and lr schedule: Published.same_setting)
+are flagged as such: compare their trends, not their levels.
 """
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
 
+from ..config import RunConfig
 from ..references import Published, find, settings
 from .labels import family, label, sweep_value
 
@@ -28,9 +30,7 @@ def short_setting(p: Published) -> str:
 @dataclass
 class Notes:
     """Footnotes of one table: each setting gets a number the first time it is used."""
-    model: str
-    data: str
-    devices: int
+    cfg: RunConfig                                   # the study's setup (norm, batch and seed aside)
     numbers: dict = field(default_factory=dict)      # setting -> (number, an example Published)
 
     def mark(self, p: Published) -> str:
@@ -41,16 +41,16 @@ class Notes:
     def lines(self) -> list[str]:
         out = []
         for number, p in self.numbers.values():
-            same = p.same_setting(self.model, self.data, self.devices)
-            where = ("The same setting as this study's (model, data set, devices)." if same else
+            same = p.same_setting(self.cfg)
+            where = ("The same setting as this study's (model, data set, devices × batch per device, "
+                     "epochs and lr schedule)." if same else
                      "Another setting than this study's: compare trends, not levels.")
             out.append(f"[{number}] {p.name}: {p.setup}; {p.metric}; {p.cite}. {where}")
         return out
 
 
 def notes_for(points) -> Notes:
-    cfg = points[0].cfg
-    return Notes(cfg.model, cfg.data, cfg.virtual_gpus)
+    return Notes(points[0].cfg)
 
 
 def columns(published: list[Published], norms_batches: list[tuple[str, int]], notes: Notes):

@@ -15,6 +15,7 @@ from typing import Callable
 
 from .. import rundir
 from ..config import RunConfig
+from ..data import SOURCES
 from ..errors import NormlabError
 from ..stats import Summary, summarize
 from .labels import family, variant
@@ -44,6 +45,22 @@ class Run:
             return None
         return rundir.summarize(self.rows, self.cfg.epochs)["median_final5_test_error"]
 
+    @property
+    def value(self) -> float | None:
+        """What the run counts as in every mean, interval and test (the divergence rule): its
+        final error when done, chance error when it diverged (see `chance_error`), and nothing
+        while unfinished or when it failed (a crash says nothing about the norm)."""
+        if self.state == "diverged":
+            return chance_error(self.cfg.data)
+        return self.final
+
+
+def chance_error(data: str) -> float:
+    """The test error (%) of a diverged run: its weights are not finite, so its logits are NaN
+    and every image gets the same class (argmax of NaNs); on the balanced CIFAR test sets that
+    is 100 · (1 − 1/classes): 90 % on CIFAR-10, 99 % on CIFAR-100."""
+    return 100.0 * (1 - 1 / (SOURCES[data].num_classes if data in SOURCES else 10))
+
 
 @dataclass
 class Point:
@@ -53,7 +70,28 @@ class Point:
 
     @property
     def finals(self) -> list[float]:
-        return [r.final for r in self.runs if r.final is not None]
+        """One value per seed that counts (Run.value: diverged seeds at chance error)."""
+        return [r.value for r in self.runs if r.value is not None]
+
+    @property
+    def by_seed(self) -> dict[int, float]:
+        """Seed -> value, for tests that pair seeds across points (stats.contrast)."""
+        return {r.cfg.seed: r.value for r in self.runs if r.value is not None}
+
+    def seed_note(self) -> str:
+        """'1 of 3 seeds diverged, counted at 90 % error', '1 of 3 failed (left out)', '1 of 3 running
+        (left out)', ...; '' when every seed finished."""
+        states, n = self.states(), len(self.runs)
+        notes = []
+        if states["diverged"]:
+            notes.append(f"{states['diverged']} of {n} seed{'s' if n > 1 else ''} diverged, "
+                         f"counted at {chance_error(self.cfg.data):g} % error")
+        if states["failed"]:
+            notes.append(f"{states['failed']} of {n} failed (left out)")
+        for state, count in states.items():  # running, interrupted, not started: no result yet
+            if state not in ("done", "diverged", "failed"):
+                notes.append(f"{count} of {n} {state} (left out)")
+        return "; ".join(notes)
 
     @property
     def norm(self) -> str:

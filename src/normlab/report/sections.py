@@ -21,20 +21,21 @@ from .tables import NUMBER, cell, table
 @dataclass
 class Context:
     plt: object                  # matplotlib.pyplot
-    model: str
-    points: list[Point]          # this study's points for this model
+    model: str                   # the setup in figure file names: the model, tagged (setups.py)
+    points: list[Point]          # this study's points in one setup (runs equal but for norm, batch, seed)
     figures: Path                # the study's folder of figures
-    published: list[Published]   # the published numbers to set beside this model's
+    published: list[Published]   # the published numbers to set beside this setup's
     link: str = "figures"        # that folder as report.md links to it
     study: str = ""              # the study's name, in every figure's title
     single: bool = False         # one seed per point throughout the report (said once, at the top)
     number: str = NUMBER         # what a table's number is: 'median of the final 3 epochs'
     written: set = field(default_factory=set)   # the figures written, so that stale ones go
+    setup: str = ""              # the setup's title: 'resnet8, 2 devices × N' (default: model)
 
     @property
     def name(self) -> str:
-        """'quick, resnet8': what a figure's title starts with."""
-        return f"{self.study}, {self.model}" if self.study else self.model
+        """'quick, resnet8, 1 device × N': what a figure's title starts with."""
+        return ", ".join(n for n in (self.study, self.setup or self.model) if n)
 
     def figure(self, fig, name: str, alt: str) -> list[str]:
         """Save a figure and link it; a line saying why there is none yet (mid-study)."""
@@ -48,7 +49,7 @@ class Context:
 
 def same_and_other(ctx: Context, series):
     cfg = ctx.points[0].cfg
-    same = [s for s in series if s[0].same_setting(cfg.model, cfg.data, cfg.virtual_gpus)]
+    same = [s for s in series if s[0].same_setting(cfg)]
     return same, [s for s in series if s not in same]
 
 
@@ -61,7 +62,7 @@ def norms(ctx: Context) -> list[str]:
         notes = pub.notes_for(at)
         headers, extra = pub.columns(ctx.published, [(p.norm, size) for p in at], notes)
         same = [r for r in ctx.published if r.batch_size == size and r.norm in {p.norm for p in at}
-                and r.same_setting(ctx.model, at[0].cfg.data, vg)]
+                and r.same_setting(at[0].cfg)]
         devices = f"{vg} devices x {size}" if vg > 1 else f"{size}"
         md += ctx.figure(figures.norm_curves(ctx.plt, at, f"{ctx.name}, batch {devices} per device", same),
                          fig, "train and test error per norm")
@@ -93,12 +94,13 @@ def batch_size(ctx: Context) -> list[str]:
         diffs = []
         for s in sizes:
             a, b = cells.get(("bn", s)), cells.get((gn, s))
-            diffs.append(format_difference(difference(a.finals, b.finals)) if a and b else "-")
+            diffs.append(format_difference(difference(a.by_seed, b.by_seed)) if a and b else "-")
         rows.append([f"BN − {label(gn)}"] + diffs)
     notes = pub.notes_for(points)
     rows += pub.batch_rows(ctx.published, norms_here, sizes, notes, gn)
     md += [f"Test error (%), {ctx.number}, by images per device"
-           + ("" if ctx.single else "; BN − GN with Welch's 95 % interval where both have 2+ seeds")
+           + ("" if ctx.single else "; BN − GN with its 95 % interval where both have 2+ seeds (paired "
+                                    "over seeds where both hold the same seeds, else Welch's)")
            + ". Rows named after a paper are published numbers at the same batch sizes.", ""]
     md += [table(["norm"] + [str(s) for s in sizes], rows), ""]
     return md + notes.lines() + ([""] if notes.numbers else [])
@@ -106,20 +108,21 @@ def batch_size(ctx: Context) -> list[str]:
 
 def lowest(ctx: Context, scored: dict, name, among: str = "") -> str | None:
     """'lowest test error of G = 1, G = 4, G = 16: G = 16 (9.50 %)' (or of `among`), and what
-    the intervals say; None for fewer than two settings (nothing to choose from)."""
+    the intervals say; None for fewer than two settings (nothing to choose from). Chosen on the
+    test-set numbers themselves, it is a description and says so: the findings are the tests."""
     if len(scored) < 2:
         return None
     top = min(scored, key=lambda v: scored[v].summary().mean)
     text = (f"lowest test error of {among or ', '.join(name(v) for v in scored)}: {name(top)} "
-            f"({scored[top].summary().mean:.2f} %)")
+            f"({scored[top].summary().mean:.2f} %; chosen on the test set, so a description, not a test)")
     if ctx.single:
         return text
     if any(len(p.finals) < 2 for p in scored.values()):
         return text + "; some have one seed, so no interval tells whether it beats them"
     tied = [name(v) for v, p in scored.items() if v != top
-            and (d := difference(p.finals, scored[top].finals)) and d.has_interval and d.low <= 0]
+            and (d := difference(p.by_seed, scored[top].by_seed)) and d.has_interval and d.low <= 0]
     return text + (f"; within the 95 % interval of it: {', '.join(tied)}" if tied else
-                   "; every other is worse beyond its 95 % interval")
+                   "; every other is worse beyond its (uncorrected) 95 % interval")
 
 
 def groups(ctx: Context) -> list[str]:

@@ -21,17 +21,17 @@ def table(header: list[str], rows: list[list]) -> str:
 def cell(point: Point | None, single: bool = False) -> str:
     """'7.45 ± 0.12 [7.20, 7.70]' (mean ± std [95 % CI] over seeds), '7.45 (1 seed)', or plain
     '7.45' when the whole table has one seed per point (`single`: said once above it); runs
-    that did not finish are counted after the number."""
+    that did not finish are counted after the number (Point.seed_note)."""
     if point is None:
         return "-"
     summary = point.summary()
-    notes = [f"{n} {s}" for s, n in point.states().items() if s != "done"]
+    note = point.seed_note()
     if summary is None:
-        return ", ".join(notes) or "no data"
+        return note or "no data"
     text = f"{summary.mean:.2f}" if single and summary.n == 1 else format_summary(summary)
-    if notes and text.endswith(")"):  # '55.00 (1 seed; 1 diverged)'
-        return f"{text[:-1]}; {', '.join(notes)})"
-    return text + (f" ({', '.join(notes)})" if notes else "")
+    if note and text.endswith(")"):  # '90.00 (1 seed; 1 of 1 seed diverged, counted at 90 % error)'
+        return f"{text[:-1]}; {note})"
+    return text + (f" ({note})" if note else "")
 
 
 def all_single(points: list[Point]) -> bool:
@@ -39,7 +39,9 @@ def all_single(points: list[Point]) -> bool:
 
 
 def describe_schedule(cfg: RunConfig) -> str:
-    warm = f" after {cfg.warmup_epochs:g} warm-up epochs" if cfg.warmup_epochs else ""
+    length = f"{cfg.warmup_epochs:g} epochs" if cfg.warmup_epochs else f"{cfg.warmup_steps} steps"
+    warm = (f" after a {cfg.warmup_shape} warm-up of {length} from {cfg.warmup_factor:g} x lr"
+            if cfg.warmup_epochs or cfg.warmup_steps else "")
     if cfg.schedule == "step":
         return f"lr / 10 every {cfg.step_size} epochs{warm}"
     if cfg.schedule == "multistep":
@@ -87,7 +89,8 @@ def seeds_notice(points: list[Point]) -> list[str]:
                 "noise. Run `--seeds 3` or more for intervals."]
     widths = ", ".join(f"± {half_width(n):.1f} std with {n} seeds" for n in (2, 3, 5))
     text = ("Every number is the mean over seeds ± its standard deviation, with the 95 % confidence "
-            "interval of the mean in brackets (Student t); differences carry Welch's 95 % interval "
+            "interval of the mean in brackets (Student t); differences carry a 95 % interval, paired over "
+            "seeds where both points hold the same seeds, else Welch's "
             f"(the interval is {widths}: few seeds give wide intervals).")
     if min(counts) < 2:
         text += " Points marked (1 seed) have one finished seed and no interval."

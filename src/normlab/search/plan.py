@@ -3,8 +3,10 @@ is written.
 
 Successive halving over epochs: every candidate trains with seed 0 and reports its validation
 error after each epoch; at each rung (min_epochs · η^k epochs, before the last epoch) only the
-best 1/η of those that reached it go on. Candidates that reach the last epoch, and the baselines
-(G = 16, LN, IN, for the margins), are then trained with the other seeds.
+best 1/η of those that reached it go on. Seed 0 also selects the finalists (the best of those
+that reach the last epoch) and the winner among them and the baselines (G = 16, LN, IN). The
+finalists and the baselines are then trained with the final seeds 1..S, which took no part in
+pruning or selection and alone decide the final ranking and the margins.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ NOT_SETTABLE = {"norm": "--candidates", "seed": "--seeds", "model": "--model",
 class SearchSpec:
     base: RunConfig                      # shared by every run; norm and seed are set per run
     candidates: tuple[Candidate, ...]
-    seeds: int                           # at the final rung
+    seeds: int                           # final seeds (1..seeds), besides seed 0 which selects
     min_epochs: int                      # the first rung
     reduction_factor: int                # η: keep the best 1/η at each rung
 
@@ -51,6 +53,10 @@ class SearchSpec:
         """How many reach the last epoch in synchronous halving: N / η^rungs, at least 1."""
         return max(1, len(self.candidates) // self.reduction_factor ** len(self.rungs()))
 
+    def final_seeds(self) -> range:
+        """The seeds that rank the finalists: never used for pruning or selection."""
+        return range(1, self.seeds + 1)
+
     def baselines(self) -> list[Candidate]:
         return baselines(list(self.candidates))
 
@@ -61,17 +67,18 @@ class SearchSpec:
         """The trials known from the start, in the order they are taken: the baselines first
         (so that later candidates meet competitors at every rung), the others in a fixed shuffled
         order (asynchronous halving favours early trials; no grouping should be favoured), then
-        the baselines' other seeds. Finalists' other seeds are queued as they finish."""
+        the baselines' final seeds. Finalists' final seeds are queued once the finalists are known."""
         first = self.baselines()
         rest = [c for c in self.candidates if c not in first]
         random.Random(0).shuffle(rest)
         return ([(c.spec, 0) for c in first + rest] +
-                [(c.spec, s) for c in first for s in range(1, self.seeds)])
+                [(c.spec, s) for c in first for s in self.final_seeds()])
 
     def to_dict(self) -> dict:
         base = {k: v for k, v in self.base.to_dict().items() if k not in ("norm", "seed")}
         return {"base": base, "candidates": [c.spec for c in self.candidates], "seeds": self.seeds,
-                "min_epochs": self.min_epochs, "reduction_factor": self.reduction_factor}
+                "final_seeds": list(self.final_seeds()), "min_epochs": self.min_epochs,
+                "reduction_factor": self.reduction_factor}
 
 
 def make_spec(*, candidates: list[Candidate], seeds: int, min_epochs: int | None,
@@ -90,8 +97,8 @@ def make_spec(*, candidates: list[Candidate], seeds: int, min_epochs: int | None
                            f"set: give --val-split M (e.g. {DEFAULT_VAL_SPLIT['sample']} for the sample, "
                            f"{DEFAULT_VAL_SPLIT['cifar10']} for cifar10), or leave it out for that default")
     if seeds < 2:
-        raise NormlabError(f"--seeds must be 2 or more (the finalists' intervals and the margins need "
-                           f"two seeds per candidate at least), got {seeds}")
+        raise NormlabError(f"--seeds must be 2 or more (the final ranking's intervals and the margins "
+                           f"need two seeds per candidate besides the selecting seed 0), got {seeds}")
     if reduction_factor < 2:
         raise NormlabError(f"--reduction-factor must be 2 or more (each rung keeps the best 1/η), "
                            f"got {reduction_factor}")
@@ -124,18 +131,18 @@ def estimated_run_epochs(spec: SearchSpec) -> int:
     each rung (at least one); asynchronous halving may promote a few more early trials."""
     first = spec.baselines()
     alive = len(spec.candidates) - len(first)
-    total, done = len(first) * spec.seeds * spec.epochs, 0
+    total, done = len(first) * (1 + spec.seeds) * spec.epochs, 0
     for rung in spec.rungs():
         total += alive * (rung - done)
         done, alive = rung, max(1, alive // spec.reduction_factor)
-    return total + alive * (spec.epochs - done) + alive * (spec.seeds - 1) * spec.epochs
+    return total + alive * (spec.epochs - done) + alive * spec.seeds * spec.epochs
 
 
 def describe(spec: SearchSpec, sizes: dict) -> str:
     """The plan and its cost, for --dry-run and the start of a search."""
     b = spec.base
     per_epoch = sizes["images_per_epoch"]
-    grid = len(spec.candidates) * spec.seeds * spec.epochs
+    grid = len(spec.candidates) * (spec.seeds + 1) * spec.epochs
     estimate = estimated_run_epochs(spec)
     rungs = ", ".join(str(r) for r in spec.rungs())
     lines = [
@@ -144,12 +151,13 @@ def describe(spec: SearchSpec, sizes: dict) -> str:
         f"{spec.epochs} epochs, {b.schedule} schedule",
         f"{len(spec.candidates)} candidates (effective groups of the 16/32/64-channel stages): "
         + ", ".join(f"{c.spec}({'/'.join(map(str, c.groups))})" for c in spec.candidates),
-        f"successive halving on the validation error: rungs after epoch {rungs} keep the best "
-        f"1/{spec.reduction_factor}; finalists and the baselines ({', '.join(c.spec for c in spec.baselines())}) "
-        f"train {spec.epochs} epochs with {spec.seeds} seeds",
+        f"successive halving on the validation error of seed 0: rungs after epoch {rungs} keep the best "
+        f"1/{spec.reduction_factor}; seed 0 selects the finalists and the winner; finalists and the baselines "
+        f"({', '.join(c.spec for c in spec.baselines())}) train {spec.epochs} epochs with {spec.seeds} more "
+        f"seeds ({', '.join(map(str, spec.final_seeds()))}), which alone rank them",
         f"cost: about {estimate} run-epochs = {estimate * per_epoch:,} training images "
         f"({100 * estimate / grid:.0f} % of the full grid of {len(spec.candidates)} candidates x "
-        f"{spec.seeds} seeds x {spec.epochs} epochs = {grid} run-epochs = {grid * per_epoch:,} images; "
+        f"{spec.seeds + 1} seeds x {spec.epochs} epochs = {grid} run-epochs = {grid * per_epoch:,} images; "
         f"at most the full grid)",
     ]
     return "\n".join(textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False)

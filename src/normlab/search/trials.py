@@ -3,8 +3,10 @@ shared state: a killed search resumes from it and several processes share it.
 
 A trial is one run (a candidate and a seed) trained by engine.train in an ordinary run directory
 (OUT/runs/<run-id>/), reporting its validation error after every epoch; Optuna's
-SuccessiveHalvingPruner decides at each rung whether it goes on. A pruned run stops after that
-epoch with its checkpoint, resumable like any other.
+SuccessiveHalvingPruner (pruner.py: made safe to ask twice) decides at each rung whether it goes
+on. A pruned run stops after that epoch with its checkpoint, resumable like any other. Seed 0
+meets the pruner and selects; the finalists' and baselines' other seeds (1..S) are trained to the
+end for the final ranking, which they alone decide (results.py).
 
 Who trains what: a trial belongs to the process holding OUT/locks/trial-N.lock (an flock, dropped
 by the kernel when the process dies). Optuna leaves the trial of a killed process RUNNING; the next
@@ -18,6 +20,7 @@ twice, and the run directory's own lock keeps any run from being trained twice a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,6 +32,7 @@ from ..train import STOP, Interrupted, RunBusy, train
 from ..errors import NormlabError
 from .locks import FileLock
 from .plan import SearchSpec
+from .pruner import ResumableHalvingPruner
 
 STUDY_NAME = "search-groups"
 JOURNAL, LOG, RUNS = "optuna.journal", "trials.log", "runs"
@@ -65,8 +69,7 @@ class Search:
         self.storage = JournalStorage(JournalFileBackend(
             str(self.out / JOURNAL), lock_obj=FileLock(self.out / "locks" / "journal.lock")))
         self.queue_lock = FileLock(self.out / "locks" / "queue.lock")
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_epochs,
-                                                        reduction_factor=spec.reduction_factor)
+        pruner = ResumableHalvingPruner(spec.min_epochs, spec.reduction_factor)
         with self.queue_lock:
             # load when it exists (create_study(load_if_exists=True) would append to the journal)
             exists = STUDY_NAME in {s.study_name for s in self.storage.get_all_studies()}
@@ -91,9 +94,9 @@ class Search:
 
     def _queue(self) -> None:
         """Queue every trial known so far that is not queued yet (call under the queue lock):
-        the initial ones, then the other seeds of the finalists once they are known."""
+        the initial ones, then the final seeds of the finalists once they are known."""
         planned = self.spec.queue()
-        planned += [(norm, s) for norm in self.finalists() or [] for s in range(1, self.spec.seeds)]
+        planned += [(norm, s) for norm in self.finalists() or [] for s in self.spec.final_seeds()]
         for norm, seed in planned:
             self.study.enqueue_trial({"norm": norm, "seed": seed}, skip_if_exists=True)
 
@@ -134,11 +137,11 @@ class Search:
         """Train the trial's run as far as the pruner lets it; tell Optuna the outcome."""
         spec = self.spec
         norm = trial.suggest_categorical("norm", [c.spec for c in spec.candidates])
-        seed = trial.suggest_int("seed", 0, spec.seeds - 1)
+        seed = trial.suggest_int("seed", 0, spec.seeds)
         cfg = spec.config(norm, seed)
         run_dir = self.out / RUNS / cfg.run_id()
         reported = set(self.storage.get_trial(self.trial_id(trial.number)).intermediate_values)
-        competes = seed == 0          # seed 0 meets the pruner; other seeds are the final rung
+        competes = seed == 0          # seed 0 meets the pruner and selects; other seeds rank the finalists
         prunable = competes and norm not in self.baselines
         name = f"trial {trial.number} {norm} seed {seed}"
         trained: list[int] = []
@@ -165,11 +168,12 @@ class Search:
                 raise Pruned(str(run_dir))
 
         say(f"{name}: {'resuming' if (run_dir / rundir.CHECKPOINT).exists() else 'starting'} ({run_dir.name})")
-        # A process killed between a report and the pruner's decision left that decision
-        # unmade: make it now (a no-op when it was made).
+        # A process killed after a report left the pruner's decision unmade, or made but not
+        # recorded: ask again (the pruner answers a repeated question as the first time).
         pruned = bool(competes and reported and max(reported) < spec.epochs and decide())
         pruned = pruned or observe(rundir.read_metrics(run_dir / rundir.METRICS))
         status = {}
+        opts = dataclasses.replace(opts, test_set=False)  # read once, for the winner (results.py)
         while not pruned:
             try:
                 status = train(cfg, run_dir, opts, force=force, on_epoch=on_epoch)

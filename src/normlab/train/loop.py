@@ -339,7 +339,7 @@ class Trainer:
             indices = [m.order[window].to(self.device) for m in self.members]
             if self.renorm:
                 self.set_renorm_limits()
-            lr = cfg.lr_at(self.epoch + self.step / self.steps)
+            lr = cfg.lr_at(self.epoch + self.step / self.steps, self.steps)
             losses, wrongs = self.train_step(indices, lr)
             if self.renorm:  # BRN's running statistics feed its next step: one copy, as one process's
                 self.dist.average_buffers(*self.renorm)  # chunks share (averaged) under --virtual-gpus
@@ -440,14 +440,33 @@ class Trainer:
                 for row, (loss, error) in zip(rows, evaluate(self.network, self.data.val, self.normalize,
                                                              self.opts.eval_batch_size, self.autocast, self.dist)):
                     row["val_loss"], row["val_error"] = loss, error
-            for row, (loss, error) in zip(rows, evaluate(self.network, self.data.test, self.normalize,
-                                                         self.opts.eval_batch_size, self.autocast, self.dist)):
+            for row, (loss, error) in zip(rows, self.evaluate_test()):
                 row["test_loss"], row["test_error"] = loss, error
         seconds = self.epoch_seconds + time.perf_counter() - eval_start
         for member, row in zip(self.members, rows):
             row["seconds"] = seconds
             row["images_per_s"] = member.sums[2].item() / self.epoch_seconds if self.epoch_seconds else float("nan")
         return rows
+
+    def evaluate_test(self) -> list[tuple[float, float]]:
+        """Each run's test loss and error, or NaNs when the test set is kept for later
+        (RuntimeOptions.test_set off): evaluation changes nothing in training."""
+        if not self.opts.test_set:
+            return [(float("nan"), float("nan"))] * self.runs
+        return evaluate(self.network, self.data.test, self.normalize, self.opts.eval_batch_size,
+                        self.autocast, self.dist)
+
+    def read_test(self) -> list[float]:
+        """Each run's test error (%) with the weights of its last checkpoint, as the last epoch
+        would have measured it: the test set's one reading for finished runs trained without
+        it. Call on an opened trainer whose runs are finished."""
+        if not self.load_checkpoints() or self.step:
+            raise NormlabError(f"{self.where()} has no checkpoint at the end of an epoch to read the test set with")
+        self.epoch -= 1  # PreciseBN's images are drawn for the epoch being evaluated
+        with (precise_statistics(self.model, self.precise_batches(), self.autocast) if self.precise_images
+              else contextlib.nullcontext()):
+            return [error for _, error in evaluate(self.network, self.data.test, self.normalize,
+                                                   self.opts.eval_batch_size, self.autocast, self.dist)]
 
     def run(self, on_progress=None, on_epoch=None) -> dict[str, dict]:
         """Train every run to the last epoch from wherever its checkpoint left off; finished runs
