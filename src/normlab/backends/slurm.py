@@ -8,6 +8,11 @@ array is queued; the array's task ids are kept in OUT/.slurm/jobs.json, so that 
 `normlab reproduce` waits for the runs still queued instead of submitting them again (and
 `normlab report` reads whatever has finished). This process follows the tasks with squeue
 and the run directories: the cluster needs no accounting database (sacct).
+
+submitit hands each task its work as a pickle in OUT/.slurm, which the node unpickles, and
+would hand back its result the same way. So OUT/.slurm is private (mode 0700, this user's, no
+link; one that others could write is refused), and no pickle is ever read here: each task
+writes its outcome as JSON (OUT/.slurm/outcomes/TASK.json), checked before it is used.
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -44,24 +51,33 @@ POLL_SECONDS = 3         # how often squeue and the run directories are read
 BUSY_SECONDS = 10        # a task whose run another process trains checks back this often
 RESULT_GRACE = 15        # seconds a shared filesystem may lag behind a task that ended
 DEFAULT_MINUTES = 24 * 60
+TASK_ID = re.compile(r"\d{1,12}_\d{1,9}")  # an array task as sbatch and squeue name it
+STATES = ("done", "diverged", "failed", "interrupted", "busy")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "PREEMPTED"}
 
 
 class TrainRun(Checkpointable):
-    """One array task: train one run. Training runs in a thread so that the main thread is free
-    for SLURM's signal, whose handler (submitit's) calls checkpoint() and then requeues."""
+    """One array task: train one run, then write its outcome (OUT/.slurm/outcomes/TASK.json).
+    Training runs in a thread so that the main thread is free for SLURM's signal, whose handler
+    (submitit's) calls checkpoint() and then requeues."""
+
+    def __init__(self, outcomes: str):
+        self.outcomes = outcomes
 
     def __call__(self, job: RunJob, opts: RuntimeOptions) -> dict:
         from ..train import STOP
 
         STOP.clear()
+        rundir.confine(Path(self.outcomes).parent.parent)  # OUT: nothing below it is followed
         self.result: dict = {}
         self.thread = threading.Thread(target=self._train, args=(job, opts), daemon=True)
         self.thread.start()
         while self.thread.is_alive():
             self.thread.join(0.5)
-        return self.result
+        task = submitit.JobEnvironment().job_id
+        rundir.write_json(Path(self.outcomes) / f"{task}.json", {"run_id": job.run_id, "result": self.result})
+        return {"state": self.result.get("state")}
 
     def _train(self, job: RunJob, opts: RuntimeOptions) -> None:
         from ..train import STOP
@@ -78,7 +94,7 @@ class TrainRun(Checkpointable):
         STOP.set()
         if getattr(self, "thread", None) is not None:
             self.thread.join()
-        return DelayedSubmission(TrainRun(), job, opts)
+        return DelayedSubmission(TrainRun(self.outcomes), job, opts)
 
 
 def minutes(text: str) -> int | None:
@@ -223,13 +239,18 @@ class SlurmBackend(Backend):
 
     # -- submitting and following --------------------------------------------------------
     def _record(self) -> dict[str, str]:
-        return (rundir.read_json(self.folder / "jobs.json") or {}).get("runs", {})
+        """Run id -> task id of the runs this results directory has submitted."""
+        runs = (rundir.read_json(self.folder / "jobs.json") or {}).get("runs")
+        if not isinstance(runs, dict):
+            return {}
+        return {rid: tid for rid, tid in runs.items() if isinstance(tid, str) and TASK_ID.fullmatch(tid)}
 
     def _job(self, task_id: str):
         return submitit.SlurmJob(folder=self.folder / "%j", job_id=task_id)
 
     def _submit(self, jobs: list[RunJob]) -> dict[str, str]:
         executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=MAX_TIMEOUTS)
+        outcomes = str(rundir.make_dir(self.folder / "outcomes"))
         executor.update_parameters(
             job_name="normlab", partition=self.partition, time=self.minutes, nodes=1, ntasks_per_node=1,
             cpus_per_task=self.cpus, gpus_per_node=self.gpus or None, signal_delay_s=SIGNAL_SECONDS,
@@ -237,7 +258,7 @@ class SlurmBackend(Backend):
         quiet = io.StringIO()
         try:
             with contextlib.redirect_stderr(quiet):  # submitit prints sbatch's errors, several lines
-                submitted = executor.map_array(TrainRun(), jobs, [self.run_opts] * len(jobs))
+                submitted = executor.map_array(TrainRun(outcomes), jobs, [self.run_opts] * len(jobs))
         except (submitit.core.utils.FailedJobError, OSError) as err:
             lines = [l for l in str(err).splitlines() if l.strip()]
             raise NormlabError(f"sbatch refused the job array ({lines[-1] if lines else err}); check "
@@ -251,7 +272,7 @@ class SlurmBackend(Backend):
         from ..train import STOP
 
         jobs = [run for job in jobs for run in job]  # one run per job (arrays = False)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)
         record = self._record()
         earlier = {record[j.run_id] for j in jobs if j.run_id in record}
         states = queue_states({t.split("_")[0] for t in earlier})
@@ -293,12 +314,9 @@ class SlurmBackend(Backend):
 
     def _outcome(self, tid: str, task: Task, states: dict | None) -> dict | None:
         """The task's result once it has ended; None while it is queued or running."""
-        if task.job.paths.result_pickle.exists():
-            outcome, value = submitit.core.utils.pickle_load(task.job.paths.result_pickle)
-            if outcome == "success":
-                return value
-            lines = [l for l in str(value).splitlines() if l.strip()]
-            return {"state": "failed", "error": lines[-1] if lines else "the task raised an error"}
+        written = read_outcome(self.folder / "outcomes" / f"{tid}.json", task.run_id)
+        if written is not None:
+            return written
         if states is None or states.get(tid, "ENDED") not in ENDED:
             task.ended_at = None
             return None
@@ -322,6 +340,42 @@ class SlurmBackend(Backend):
         status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
         info = rundir.read_json(task.run_dir / rundir.CONFIG) or {}
         epoch, steps = status.get("epoch"), info.get("steps_per_epoch")
-        if isinstance(epoch, int) and steps and epoch != task.epoch:
+        if type(epoch) is int and type(steps) is int and steps > 0 and epoch != task.epoch:
             task.epoch = epoch
             display.progress(task.run_id, epoch, 0, steps)
+
+
+def private_folder(folder: Path) -> None:
+    """OUT/.slurm, where submitit keeps the pickles that the nodes unpickle: a directory of this
+    user's that nobody else can write (created 0700; an existing one that others could write
+    may hold planted files, so it is refused)."""
+    rundir.make_dir(folder.parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NormlabError(f"{folder} is not a directory (a link or a file); move it away, then run the "
+                           f"same command again")
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise NormlabError(f"{folder} {'belongs to another user' if info.st_uid != os.getuid() else 'can be written by other users'}, "
+                           f"and SLURM's tasks unpickle what is in it: move it away (mv {folder} "
+                           f"{folder}.old) and run the same command again")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)  # nor read by others: the pickles hold this machine's options
+    finally:
+        os.close(fd)
+
+
+def read_outcome(path: Path, run_id: str) -> dict | None:
+    """The outcome a task wrote (JSON, checked), or None when there is none (yet)."""
+    try:
+        written = rundir.load_json(path)
+    except (FileNotFoundError, NormlabError):
+        return None
+    result = written.get("result")
+    if written.get("run_id") != run_id or not isinstance(result, dict) or result.get("state") not in STATES:
+        return None
+    if not all(isinstance(v, (str, int, float, bool, type(None), dict)) for v in result.values()):
+        return None
+    return result
