@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import rundir
+from ..errors import NormlabError
 from ..stats import Summary, difference, format_summary, summarize
 from .trials import RUNS, Search
 
@@ -24,8 +25,12 @@ def final_rows(search: Search, norm: str, seeds) -> list[dict]:
     """The last metrics row of each seed's run of `norm`."""
     rows = []
     for seed in seeds:
-        cfg = search.spec.config(norm, seed)
-        rows.append(rundir.read_metrics(search.out / RUNS / cfg.run_id() / rundir.METRICS)[-1])
+        path = search.out / RUNS / search.spec.config(norm, seed).run_id() / rundir.METRICS
+        found = rundir.read_metrics(path)
+        if not found or not isinstance(found[-1].get("test_error"), float):
+            raise NormlabError(f"{path} has no test error; move that run directory away and run the "
+                               f"same command again to retrain it")
+        rows.append(found[-1])
     return rows
 
 
@@ -85,10 +90,14 @@ def compute(search: Search) -> dict:
     run_epochs = images = per_epoch = 0
     for run in sorted((search.out / RUNS).iterdir()):
         info = rundir.read_json(run / rundir.CONFIG)
-        if not info:
+        steps, images = (info or {}).get("steps_per_epoch"), (info or {}).get("images_per_step")
+        if type(steps) is not int or type(images) is not int or not 0 < steps * images < 2**40:
+            continue  # not a run directory of this search
+        per_epoch = steps * images
+        try:
+            epochs = len(rundir.read_metrics(run / rundir.METRICS))
+        except NormlabError:
             continue
-        per_epoch = info["steps_per_epoch"] * info["images_per_step"]
-        epochs = len(rundir.read_metrics(run / rundir.METRICS))
         run_epochs += epochs
         images += epochs * per_epoch
     grid = len(spec.candidates) * spec.seeds * spec.epochs
