@@ -9,6 +9,7 @@ from .. import references as refs_module
 from .. import rundir
 from ..errors import NormlabError
 from . import findings, sections, tidy
+from .escape import markdown
 from .figures import pyplot
 from .runs import Warn, group_points, load_runs, membership, warn_stderr
 from .tables import all_runs_table, setup_lines
@@ -35,8 +36,8 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     results directory is reported elsewhere). `references` replaces the published numbers
     shipped with normlab (references.yaml). Damaged run directories and a damaged reference
     table are skipped with one warning each (through `warn`)."""
-    root = Path(root)
-    out = Path(out) if out is not None else root
+    root = rundir.confine(root)  # nothing below root or out is reached through a link
+    out = rundir.confine(out) if out is not None else root
     if not root.is_dir():
         raise NormlabError(f"{root} is not a directory; pass the --out directory of a study or run")
     if (root / "study.json").exists() and rundir.read_json(root / "study.json") is None:
@@ -52,7 +53,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     plt = pyplot()
     figures = out / "figures"
     try:
-        figures.mkdir(parents=True, exist_ok=True)
+        rundir.make_dir(figures)
         if not os.access(out, os.W_OK) or not os.access(figures, os.W_OK):
             raise PermissionError(errno.EACCES, "Permission denied")
     except OSError as err:
@@ -82,14 +83,14 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
             points = points_of(name)
             if not points:
                 continue
-            title, section = sections.SECTIONS.get(name, (f"Study '{name}'", sections.generic))
+            title, section = sections.SECTIONS.get(name, (f"Study '{markdown(name)}'", sections.generic))
             ctx = sections.Context(plt, model, points, figures, mine)
             body += [f"### {title}", ""] + section(ctx)
         body += ["### All runs", "", all_runs_table(model_runs), ""]
 
-    md = [f"# normlab report: {study.get('name', root.name)}", ""]
+    md = [f"# normlab report: {markdown(study.get('name', root.name))}", ""]
     if study.get("description"):
-        md += [str(study["description"]), ""]
+        md += [markdown(study["description"], limit=2000), ""]
     md += findings.section(found_claims, untested)
     md += ["## Setup", ""] + setup_lines(runs) + [
         f"- tidy results: `{tidy.RESULTS}` (one row per run) and `{tidy.CURVES}` (one row per run "

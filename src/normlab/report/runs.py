@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
+import io
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from .labels import family, variant
 
 Warn = Callable[[str], None]
 METRIC_COLUMNS = ("epoch", "train_error", "test_error")  # what the report cannot do without
+ERROR_COLUMNS = ("train_error", "val_error", "test_error")  # percentages, drawn and summarized
 
 
 @dataclass
@@ -112,13 +113,13 @@ class DamagedRun(Exception):
 
 def read_run(path: Path, warn: Warn) -> Run:
     try:
-        info = json.loads((path / rundir.CONFIG).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise DamagedRun(f"{rundir.CONFIG} is unreadable ({short(err)})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        info = rundir.load_json(path / rundir.CONFIG)  # bounded, regular files only, no links
+    except rundir.Unreadable as err:
+        raise DamagedRun(str(err)) from None
+    if not isinstance(info.get("config"), dict):
         raise DamagedRun(f"{rundir.CONFIG} has no 'config' mapping")
+    if not isinstance(info.get("data", {}), dict) or not isinstance(info.get("run_id", ""), str):
+        raise DamagedRun(f"{rundir.CONFIG} has a 'data' that is not a mapping or a 'run_id' that is not text")
     try:
         cfg = RunConfig.from_dict(info["config"], where=rundir.CONFIG).validate()
     except NormlabError as err:
@@ -129,13 +130,16 @@ def read_run(path: Path, warn: Warn) -> Run:
         warn(f"{path}: {rundir.STATUS} is unreadable; the run is counted as unfinished")
     if not isinstance(status, dict):
         status = {}
+    if not isinstance(status.get("state", "new"), str) or len(status.get("state", "")) > 40:
+        warn(f"{path}: {rundir.STATUS} holds no valid state; the run is counted as unfinished")
+        status = {}
     return Run(str(info.get("run_id", path.name)), path, cfg, info, rows, status)
 
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.csv as rows of floats (epoch an int); [] when absent (no epoch finished yet)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(rundir.read_text(path), newline="") as f:  # bounded, regular files only
             reader = csv.DictReader(f)
             missing = [c for c in METRIC_COLUMNS if c not in (reader.fieldnames or [])]
             if reader.fieldnames and missing:
@@ -151,10 +155,14 @@ def read_metrics(path: Path) -> list[dict]:
                 parsed["epoch"] = int(parsed["epoch"]) if math.isfinite(parsed["epoch"]) else -1
                 if parsed["epoch"] < 1:
                     raise DamagedRun(f"{rundir.METRICS} line {line} has no valid epoch number")
+                if not all(0 <= parsed[c] <= 100 for c in ERROR_COLUMNS if c in parsed):  # NaN, inf too
+                    raise DamagedRun(f"{rundir.METRICS} line {line} has an error that is not a percentage")
                 rows.append(parsed)
             return rows
     except FileNotFoundError:
         return []
+    except rundir.Unreadable as err:
+        raise DamagedRun(str(err)) from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DamagedRun(f"{rundir.METRICS} is unreadable ({short(err)})") from None
 
