@@ -16,7 +16,7 @@ from typing import Callable
 
 from .. import rundir
 from ..config import RunConfig
-from ..errors import NormlabError
+from ..errors import NormlabError, one_line
 from ..stats import Summary, summarize
 from .labels import family, variant
 
@@ -90,7 +90,7 @@ class Point:
 
 def warn_stderr(message: str) -> None:
     import sys
-    print(f"normlab: warning: {message}", file=sys.stderr)
+    print(f"normlab: warning: {one_line(message)}", file=sys.stderr)
 
 
 def load_runs(root: Path, warn: Warn = warn_stderr) -> list[Run]:
@@ -125,10 +125,12 @@ def read_run(path: Path, warn: Warn) -> Run:
     except NormlabError as err:
         raise DamagedRun(str(err)) from None
     rows = read_metrics(path / rundir.METRICS)
-    status = rundir.read_json(path / rundir.STATUS)
-    if status is None and (path / rundir.STATUS).exists():
-        warn(f"{path}: {rundir.STATUS} is unreadable; the run is counted as unfinished")
-    if not isinstance(status, dict):
+    try:
+        status = rundir.load_json(path / rundir.STATUS)
+    except FileNotFoundError:
+        status = {}
+    except rundir.Unreadable as err:
+        warn(f"{err}; the run is counted as unfinished")
         status = {}
     if not isinstance(status.get("state", "new"), str) or len(status.get("state", "")) > 40:
         warn(f"{path}: {rundir.STATUS} holds no valid state; the run is counted as unfinished")
