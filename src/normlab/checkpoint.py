@@ -232,13 +232,13 @@ def _optimizer(state, template: dict, params: list[tuple[int, ...]]) -> None:
     groups, ref_groups = state["param_groups"], template["param_groups"]
     if not isinstance(groups, list) or len(groups) != len(ref_groups):
         raise Wrong("optimizer has other parameter groups")
-    for group, ref in zip(groups, ref_groups):
-        if not isinstance(group, dict) or set(group) != set(ref):
+    for group, ref in zip(groups, ref_groups):  # keys another torch version lacks may be missing
+        if not isinstance(group, dict) or not set(group) <= set(ref) or "params" not in group:
             raise Wrong("optimizer has other parameter groups")
-        for key, value in ref.items():
+        for key, value in group.items():
             if key == "lr":
-                _number(group[key], "optimizer lr", low=0)
-            elif group[key] != value or type(group[key]) is not type(value):
+                _number(value, "optimizer lr", low=0)
+            elif value != ref[key] or type(value) is not type(ref[key]):
                 raise Wrong(f"optimizer's {key} differs from this run's")
     buffers = state["state"]
     if not isinstance(buffers, dict) or not all(type(k) is int and 0 <= k < len(params) for k in buffers):

@@ -196,7 +196,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, d
     from .backends.local import LocalBackend
     from .train import STOP
 
-    out = Path(out)
+    out = rundir.confine(out)  # no link followed below the results directory
     owned = backend is None
     backend = backend or LocalBackend(opts, workers)
     try:
