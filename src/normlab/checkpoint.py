@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -54,16 +53,12 @@ def keep_copy(path: Path, copy: Path) -> None:
     that it can be loaded after path has been replaced."""
     record = path.with_name(RECORD)
     _write_record(record, copy.name, _recorded(record, path.name))
-    try:
-        copy.unlink(missing_ok=True)
-        os.link(path, copy)
-    except OSError as err:
-        raise NormlabError(f"cannot write {copy} ({err.strerror}); choose a writable --out") from None
+    rundir.hard_link(path, copy)
 
 
 def drop_copy(copy: Path) -> None:
     """Forget a copy made by keep_copy."""
-    copy.unlink(missing_ok=True)
+    rundir.remove(copy)
     _write_record(copy.with_name(RECORD), copy.name, [])
 
 
@@ -118,8 +113,8 @@ def _recorded(record: Path, name: str) -> list[str]:
 def _write_record(record: Path, name: str, digests: list[str]) -> None:
     """Record `digests` as the valid ones for `name`, keeping the lines of other files."""
     try:
-        lines = record.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
+        lines = rundir.read_text(record).splitlines()
+    except (OSError, NormlabError):
         lines = []
     others = [line for line in lines if line.split()[1:] != [name] and line.strip()]
     ours = [f"{d}  {name}" for d in dict.fromkeys(digests)]
@@ -163,11 +158,20 @@ class Wrong(Exception):
     """What is wrong with a checkpoint (`verify` turns it into one NormlabError line)."""
 
 
-def verify(path: Path, state, expected: Expected) -> dict:
-    """The state if it has the structure `expected` describes; otherwise one line naming the
-    first problem. Nothing in the state is used before this passes."""
+def verify(path: Path, state, expected: Expected, run_id: str = "") -> dict:
+    """The state if it has the structure `expected` describes (and, written by an array that
+    held run `run_id`, lists it); otherwise one line naming the first problem. Nothing in the
+    state is used before this passes."""
     try:
-        _verify(state, expected)
+        if isinstance(state, dict) and "array" in state and "array" not in expected.template:
+            array = state.pop("array")
+            if not isinstance(array, list) or len(array) > 1000 or run_id not in array \
+                    or not all(isinstance(a, str) and len(a) < 200 for a in array):
+                raise Wrong("its array of runs does not hold this run")
+            _verify(state, expected)
+            state["array"] = array
+        else:
+            _verify(state, expected)
     except Wrong as err:
         raise NormlabError(f"{path} is not a checkpoint of this run ({err}), so it is not used; "
                            f"{FIX}") from None
@@ -214,8 +218,11 @@ def _tensor(value, shape: tuple, dtype: torch.dtype, what: str) -> None:
                     f"shape {tuple(shape)}")
     if value.layout != torch.strided or value.device.type != "cpu" or value.requires_grad:
         raise Wrong(f"{what} is not a plain tensor")
-    needed = (value.storage_offset() + value.numel()) * value.element_size()
-    if not value.is_contiguous() or value.untyped_storage().nbytes() < needed:
+    # as many elements as its storage holds, and within it: never a view of a small storage
+    # expanded to many elements (any memory format: channels_last, a chunk of an array's state)
+    storage = value.untyped_storage().nbytes()
+    extent = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) + 1
+    if value.numel() and storage < max(value.numel(), extent) * value.element_size():
         raise Wrong(f"{what} is not a dense tensor over its own storage")
 
 

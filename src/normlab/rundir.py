@@ -340,6 +340,30 @@ def rename_aside(path: Path, new_name: str) -> Path:
     return Path(path).with_name(new_name)
 
 
+def hard_link(path: Path, copy: Path) -> None:
+    """Make `copy` (beside path) another name of the file `path` (a link at path is linked
+    itself, never followed), replacing any `copy`."""
+    try:
+        with _parent(path) as (dir_fd, name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(Path(copy).name, dir_fd=dir_fd)
+            os.link(name, Path(copy).name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as err:
+        raise _write_error(Path(copy), err) from None
+
+
+def remove(path: Path) -> None:
+    """Delete the file `path` if it is there (a link is removed itself, never its target)."""
+    try:
+        with _parent(path) as (dir_fd, name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise _write_error(Path(path), err) from None
+
+
 def remove_stale_temps(directory: Path) -> int:
     """Delete temporary files that a killed process of this host left in directory (a live
     process's, or another host's, are kept). Returns how many were removed."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__, rundir
+from .. import __version__, checkpoint, rundir
 from ..config import RunConfig, RuntimeOptions
 from ..data import Dataset, Normalizer, apply_augmentation, augment, draw_augmentation, load_dataset
 from ..errors import NormlabError
@@ -105,6 +105,20 @@ class Trainer:
         # Resumable position, shared by the array: epochs finished, steps into the current epoch.
         self.epoch, self.step = 0, 0
         self.epoch_seconds = 0.0
+        for member in self.members:  # checked against every checkpoint before it is used
+            member.expected = self.expected(member)
+
+    def expected(self, member: Member) -> checkpoint.Expected:
+        """What a checkpoint of `member` must hold: its lone state as built, before training."""
+        lone = self.network.template
+        optimizer = build_optimizer(lone, member.cfg)
+        val = ("val_loss", "val_error") if self.data.val is not None else ()
+        return checkpoint.Expected(
+            template=member.state_dict(lone.state_dict(), optimizer.state_dict(), 0, 0, 0.0, [member.run_id]),
+            params=[tuple(p.shape) for group in optimizer.param_groups for p in group["params"]],
+            epochs=member.cfg.epochs, steps=self.steps, images=len(self.data.train),
+            columns=("epoch", "lr", "train_loss", "train_error", *val, "test_loss", "test_error", "seconds",
+                     "images_per_s"))
 
     def assemble(self, lone_models: list, optimizer_states: list[dict] | None = None) -> None:
         """The network, optimizer and per-layer handles for these runs' models."""
@@ -200,12 +214,10 @@ class Trainer:
 
     def read_checkpoints(self) -> None:
         """Ranks other than 0 do not open the run directory: they read rank 0's checkpoint."""
-        from .. import checkpoint
-
         member = self.members[0]
         path = member.dir / rundir.CHECKPOINT
         if member.resume_state is None and not self.dist.writer and path.exists():
-            member.resume_state = checkpoint.load(path)
+            member.resume_state = member.read_checkpoint(path)
 
     def load_checkpoints(self) -> bool:
         """Restore what open() read and verified, if there was a checkpoint; every run of the
