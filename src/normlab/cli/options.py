@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import RunConfig, RuntimeOptions
+from ..config import RunConfig, RuntimeOptions, brief
 from ..data import DATA_CHOICES
 from ..errors import NormlabError
 from ..norms import SPEC_HELP
@@ -144,8 +144,8 @@ def run_config(args, processes: int = 1) -> RunConfig:
 
 
 def runtime_options(args) -> RuntimeOptions:
-    if args.threads is not None and args.threads < 1:
-        raise NormlabError(f"--threads must be positive, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise NormlabError(f"--threads must be positive, at most 4096, got {brief(args.threads)}")
     if args.checkpoint_minutes is not None and args.checkpoint_minutes <= 0:
         raise NormlabError(f"--checkpoint-every must be a positive number of minutes, got {args.checkpoint_minutes}")
     return RuntimeOptions(device=args.device, threads=args.threads, data_dir=args.data_dir,
