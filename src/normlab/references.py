@@ -9,7 +9,6 @@ numbers (one warning line).
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from importlib import resources
