@@ -317,6 +317,8 @@ CASES: list[Case | Elsewhere] = [
          ".lock is a symbolic link", run_with(".lock", "link"), area="files"),
     Case("run-directory-link", "a run directory that is a symbolic link (to another project's)", TRAIN,
          "is a symbolic link", run_with("run", "link"), area="files"),
+    Case("run-config-not-normlabs", "a run's config.json that is JSON but not an object (a list)", TRAIN,
+         "config.json is not normlab's", run_with("config.json", "[1, 2]"), area="files"),
     Elsewhere("run-file-huge", "a config.json, metrics.csv, status.json or checkpoint.pt of hundreds of MiB (sparse)",
               "more than the", "tests/test_hostile_files.py::test_a_huge_sparse_checkpoint_is_refused_before_it_is_read", area="files"),
     Elsewhere("checkpoint-structure", "a checkpoint of the wrong structure with a matching SHA-256 (keys, types, "

@@ -6,8 +6,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
+import stat
 
 import pytest
 import torch
@@ -60,6 +62,28 @@ def test_a_planted_slurm_result_never_runs(tmp_path):
     assert backend._outcome("4242_0", task, {"4242_0": "RUNNING"}) == {"state": "done"}
     (folder / "outcomes" / "4242_0.json").write_text(json.dumps({"run_id": task.run_id, "result": [1]}))
     assert backend._outcome("4242_0", task, {"4242_0": "RUNNING"}) is None
+
+
+def test_a_slurm_folder_that_others_could_write_is_refused(tmp_path):
+    """The nodes unpickle what submitit keeps in OUT/.slurm: it must be this user's alone."""
+    from normlab.backends.slurm import private_folder
+    from normlab.errors import NormlabError
+    folder = tmp_path / "out" / ".slurm"
+    private_folder(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o775)
+    with pytest.raises(NormlabError, match="can be written by other users"):
+        private_folder(folder)
+    folder.rmdir()
+    folder.symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(NormlabError, match="is not a directory"):
+        private_folder(folder)
+    if os.getuid() == 0:
+        folder.unlink()
+        folder.mkdir(mode=0o700)
+        os.chown(folder, 65534, 65534)
+        with pytest.raises(NormlabError, match="belongs to another user"):
+            private_folder(folder)
 
 
 # -- checkpoints of the wrong structure, with a matching SHA-256 --------------------------------

@@ -1,7 +1,6 @@
 """SIGINT and SIGTERM end every command promptly: exit 75 after a checkpoint while runs train,
 130 or 143 at once where nothing was in progress (a long --dry-run, an expansion, a report),
 one line, no traceback, nothing half-written (issue 18)."""
-import os
 import signal
 import subprocess
 import sys
