@@ -177,9 +177,9 @@ def test_numbers_out_of_range_are_one_line(capsys, tmp_path, args, expect):
 BOMB = "\n".join(["a: &a [bn, bn, bn, bn, bn, bn, bn, bn, bn, bn]"] +
                  [f"{k}: &{k} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
                   for p, k in zip("abcdefgh", "bcdefghi")] + ["studies: {s: [{norm: *i}]}"])
-GRID = "studies:\n  s:\n    - {" + ", ".join(f"{k}: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]" for k in (
-    "epochs", "batch_size", "base_batch", "step_size", "seed", "val_split", "virtual_gpus", "precise_bn",
-    "base_lr", "momentum")) + "}\n"
+GRID = "studies:\n  s:\n    - {" + ", ".join(f"{k}: [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" for k in (
+    "epochs", "batch_size", "base_batch", "step_size", "seed", "val_split", "warmup_epochs", "base_lr",
+    "momentum", "weight_decay")) + "}\n"
 
 
 @pytest.mark.parametrize("text,args,expect", [
