@@ -159,11 +159,18 @@ def relative_cost(cfg: RunConfig) -> float:
 
 
 def run_status(run_dir: Path, cfg: RunConfig) -> dict:
-    """The run's status; a directory holding another config never counts as this run's result."""
-    info = rundir.read_json(run_dir / rundir.CONFIG)
+    """The run's status; a directory holding another config, or a config that is not
+    normlab's, never counts as this run's result (training it says why, in one line)."""
+    try:
+        info = rundir.load_json(run_dir / rundir.CONFIG)
+    except FileNotFoundError:
+        info = None
+    except rundir.Unreadable:
+        return {"state": "config unreadable"}
     if info and info.get("config") != cfg.to_dict():
         return {"state": "config differs"}
-    return rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
+    status = rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
+    return status if isinstance(status.get("state"), str) else {"state": "new"}
 
 
 def plan_arrays(runs: dict[str, RunConfig], todo: list[str], size) -> list[tuple[str, ...]]:
