@@ -129,7 +129,11 @@ def run_with(name: str, how: str) -> Callable[[Path], None]:
             run.symlink_to(victim, target_is_directory=True)
             return
         run.mkdir(parents=True)
-        (run / name).symlink_to(victim / "thesis.txt") if how == "link" else (run / name).write_text(how)
+        if how == "link":
+            (run / name).symlink_to(victim / "thesis.txt")
+        else:
+            (run / name).write_text(how)
+            (run / ".lock").write_text("")  # as a run that was opened before leaves it
     return setup
 
 
