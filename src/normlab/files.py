@@ -6,8 +6,8 @@ reads or writes a results directory go through here; README, "Results you did no
 - Below a confined root (`confine`: the --out, the results directory of `normlab report`),
   no symbolic link is followed: every directory is opened one component at a time with
   O_NOFOLLOW, and every file is created, opened, locked, renamed and deleted relative to it.
-  The root's own path may hold links: those are the user's. A path below no confined root is
-  anchored at its grandparent (its own directory is checked too).
+  The root's own path may hold links: those are the user's. Below no confined root, only the
+  file itself is not followed.
 - Every read is bounded (LIMITS by file name, or the caller's limit) and takes regular files
   only: a FIFO, a device or a link is refused in one line (Unreadable), never waited on.
 - Every write goes to a new temporary file (O_EXCL, O_NOFOLLOW, mode 0666 less the umask:
@@ -52,12 +52,13 @@ def confine(root: str | Path) -> Path:
     return Path(path)
 
 
-def _anchor(path: str) -> tuple[str, list[str]]:
+def _anchor(directory: str) -> tuple[str, list[str]]:
     """(the directory trusted as it is, the components below it that must not be links): the
-    outermost confined root holding path, or else the directory holding path."""
-    roots = [r for r in _roots if path == r or path.startswith(r.rstrip("/") + "/")]
-    anchor = min(roots, key=len) if roots else os.path.dirname(path)
-    rest = os.path.relpath(path, anchor)
+    outermost confined root holding `directory`, or else `directory` itself (a file the user
+    named, such as bench --json: only the file is not followed)."""
+    roots = [r for r in _roots if directory == r or directory.startswith(r.rstrip("/") + "/")]
+    anchor = min(roots, key=len) if roots else directory
+    rest = os.path.relpath(directory, anchor)
     return anchor, [] if rest == "." else rest.split(os.sep)
 
 
