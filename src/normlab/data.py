@@ -95,6 +95,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_split: int =
         folder = find_folder(source, data_dir, download)
         train = read_split(folder, source.train_files, source)
         test = read_split(folder, source.test_files, source)
+        if not len(test):
+            raise NormlabError(f"{folder / source.test_files[0]} holds no images; replace it with an intact "
+                               f"copy (or delete {folder} to download the data set again)")
         num_classes, location = source.num_classes, str(folder.resolve())
     else:
         raise NormlabError(f"unknown data set '{name}'; use one of: {', '.join(DATA_CHOICES)}")

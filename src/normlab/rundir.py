@@ -30,6 +30,22 @@ CONFIG, METRICS, CHECKPOINT, STATUS, LOCK = (
 FINISHED = ("done", "diverged")
 
 
+def read_status(path: Path) -> dict | None:
+    """status.json with the fields normlab uses checked (a wrong one is dropped), or None when
+    it is absent, unreadable or has no state: a status written by someone else never crashes
+    a line that prints it."""
+    status = read_json(path)
+    if status is None or not isinstance(status.get("state"), str) or len(status["state"]) > 40:
+        return None
+    summary = status.get("summary")
+    status["summary"] = {k: v for k, v in summary.items() if type(v) in (int, float) and math.isfinite(v)} \
+        if isinstance(summary, dict) else {}
+    for key, kind in (("epoch", int), ("epochs", int), ("diverged_in_epoch", int), ("error", str)):
+        if key in status and type(status[key]) is not kind:
+            del status[key]
+    return status
+
+
 def write_json(path: Path, value) -> None:
     atomic_write(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 

@@ -169,8 +169,7 @@ def run_status(run_dir: Path, cfg: RunConfig) -> dict:
         return {"state": "config unreadable"}
     if info and info.get("config") != cfg.to_dict():
         return {"state": "config differs"}
-    status = rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
-    return status if isinstance(status.get("state"), str) else {"state": "new"}
+    return rundir.read_status(run_dir / rundir.STATUS) or {"state": "new"}
 
 
 def plan_arrays(runs: dict[str, RunConfig], todo: list[str], size) -> list[tuple[str, ...]]:

@@ -329,7 +329,7 @@ class SlurmBackend(Backend):
             raise NormlabError(f"SLURM task {tid} ended ({state}) without writing its log to "
                                f"{task.job.paths.stdout.parent}; --out must be a directory that every "
                                f"node shares and can write (the study's jobs were cancelled)")
-        status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
+        status = rundir.read_status(task.run_dir / rundir.STATUS) or {}
         if status.get("state") in rundir.FINISHED:
             return status
         return {"state": "failed", "error": f"SLURM task {tid} ended ({state}) without a result; "
@@ -337,7 +337,7 @@ class SlurmBackend(Backend):
 
     def _show_progress(self, task: Task, display) -> None:
         """Running tasks' progress, from their run directories (one step per epoch)."""
-        status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
+        status = rundir.read_status(task.run_dir / rundir.STATUS) or {}
         info = rundir.read_json(task.run_dir / rundir.CONFIG) or {}
         epoch, steps = status.get("epoch"), info.get("steps_per_epoch")
         if type(epoch) is int and type(steps) is int and steps > 0 and epoch != task.epoch:

@@ -125,7 +125,7 @@ class Member:
             return None  # not a usable copy: the run resumes from its checkpoint
 
     def status(self) -> dict | None:
-        return rundir.read_json(self.dir / rundir.STATUS)
+        return rundir.read_status(self.dir / rundir.STATUS)
 
     def write_status(self, state: str, epoch: int, **extra) -> dict:
         status = {"state": state, "run_id": self.run_id, "epoch": epoch,
