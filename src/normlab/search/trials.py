@@ -96,8 +96,10 @@ class Search:
     def _queued(self, trial) -> bool:
         """Could this search have made the trial (a candidate, a seed, one float value)?"""
         norms = {c.spec for c in self.spec.candidates}
+        if not isinstance(trial.system_attrs, dict) or not isinstance(trial.params, dict):
+            return False
         values = trial.values
-        if values is not None and (len(values) != 1 or type(values[0]) is not float):
+        if values is not None and (not isinstance(values, list) or len(values) != 1 or type(values[0]) is not float):
             return False
         return all(isinstance(p, dict) and isinstance(p.get("norm"), str) and p["norm"] in norms
                    and type(p.get("seed")) is int and 0 <= p["seed"] < self.spec.seeds
