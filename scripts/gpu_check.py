@@ -59,7 +59,6 @@ SMALL = {  # each command once, as small as it goes: a CPU shared with other wor
     "fast_configs": [("resnet8", "bn", 2, ())], "fast_check_steps": 5,
     "study_model": "resnet8", "study_workers": 2, "minutes": 15.0,
 }
-VIRTUAL_GPUS = 8  # the GN paper's devices, and the paper preset's
 
 
 class Check:

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+VIRTUAL_GPUS = 8  # on CUDA: the GN paper's devices, and the paper preset's
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "images_per_s")
 
@@ -287,15 +289,10 @@ def phase_bench(c, budget):
 
 def worker_eval_rate(device, payload, target: Path) -> int:
     """Evaluation throughput (images/s) per model and norm, in the run's default precision."""
-    import contextlib
-    import dataclasses
-
-    import torch
-
     from normlab.bench import sync
     from normlab.config import RunConfig, RuntimeOptions
     from normlab.train import Trainer
-    from normlab.train.loop import evaluate
+    from normlab.train.evaluation import evaluate
 
     rows = []
     for model in payload["models"]:

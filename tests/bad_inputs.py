@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 import urllib.request
 from dataclasses import dataclass, field
@@ -84,6 +85,93 @@ def missing_data_dir(tmp: Path) -> None:
     (tmp / "other" / "notes.txt").write_text("not empty, so no download is tried")
 
 
+# -- what an attacker plants (issue 18): links to a victim's file, FIFOs, huge sparse files, pickles
+class Planted:
+    """Unpickling this object calls open(canary, 'w'): it would create a file (the catalogue
+    checks that no new file appears)."""
+
+    def __init__(self, canary: Path):
+        self.canary = str(canary)
+
+    def __reduce__(self):
+        return (open, (self.canary, "w"))
+
+
+def replace_batch(how: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        batch = data(tmp) / "cifar-10-batches-py" / "data_batch_2"
+        batch.unlink()
+        if how == "planted":
+            batch.write_bytes(pickle.dumps({b"data": Planted(tmp / "canary"), b"labels": [0]}, protocol=2))
+        elif how == "fifo":
+            os.mkfifo(batch)
+        else:
+            with open(batch, "wb") as f:
+                f.truncate(300 << 20)  # sparse: no disk used
+    return setup
+
+
+def default_run(tmp: Path) -> Path:
+    """The run directory TRAIN would train into."""
+    from normlab.config import RunConfig
+    return tmp / "runs" / RunConfig(epochs=1).normalized().run_id()
+
+
+def run_with(name: str, how: str) -> Callable[[Path], None]:
+    """TRAIN's run directory with `name` planted: a link to a victim's file or directory, or text."""
+    def setup(tmp: Path) -> None:
+        run = default_run(tmp)
+        victim = tmp / "victim"
+        victim.mkdir()
+        (victim / "thesis.txt").write_text("a victim's file")
+        if name == "run":
+            run.parent.mkdir()
+            run.symlink_to(victim, target_is_directory=True)
+            return
+        run.mkdir(parents=True)
+        if how == "link":
+            (run / name).symlink_to(victim / "thesis.txt")
+        else:
+            (run / name).write_text(how)
+            (run / ".lock").write_text("")  # as a run that was opened before leaves it
+    return setup
+
+
+def figures_link(tmp: Path) -> None:
+    from normlab import rundir
+    from normlab.config import RunConfig
+    cfg = RunConfig(model="resnet56", epochs=1)
+    run = tmp / "results" / cfg.run_id()
+    run.mkdir(parents=True)
+    rundir.write_json(run / rundir.CONFIG, {"run_id": cfg.run_id(), "config": cfg.to_dict()})
+    rundir.write_metrics(run / rundir.METRICS, [{"epoch": 1, "train_error": 50.0, "test_error": 50.0}])
+    rundir.write_json(run / rundir.STATUS, {"state": "done"})
+    (tmp / "thesis").mkdir()
+    (tmp / "thesis" / "figure.png").write_bytes(b"a thesis figure")
+    (tmp / "results" / "figures").symlink_to(tmp / "thesis", target_is_directory=True)
+
+
+def damaged_journal(tmp: Path) -> None:
+    search = tmp / "search"
+    (search / "locks").mkdir(parents=True)
+    for name in ("journal.lock", "queue.lock"):
+        (search / "locks" / name).write_text("")
+    (search / "optuna.journal").write_text('{"op_code": 0, "worker_id": "w", "study_name": "search-groups", '
+                                           '"directions": [1]}\n{not json\n{"op_code": 0}\n')
+
+
+def fifo_preset(tmp: Path) -> None:
+    os.mkfifo(tmp / "mine.yaml")
+
+
+ALIASES = "\n".join(["a: &a [bn, bn, bn, bn, bn, bn, bn, bn, bn, bn]"] +
+                    [f"{k}: &{k} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+                     for p, k in zip("abcdefgh", "bcdefghi")] + ["studies: {s: [{norm: *i}]}"])
+HUGE_GRID = "studies:\n  s:\n    - {" + ", ".join(f"{k}: [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" for k in (
+    "epochs", "batch_size", "base_batch", "step_size", "seed", "val_split", "warmup_epochs", "base_lr",
+    "momentum", "weight_decay")) + "}\n"
+
+
 CASES: list[Case | Elsewhere] = [
     # -- what to train ---------------------------------------------------------------------
     Case("model-unknown", "a model that is not a CIFAR ResNet of depth 6n+2", TRAIN + ["--model", "resnet21"], "unknown model 'resnet21'"),
@@ -127,6 +215,10 @@ CASES: list[Case | Elsewhere] = [
     Case("batch-larger-than-data-virtual", "virtual GPUs whose step is larger than the training set",
          TRAIN + ["--batch-size", "600", "--virtual-gpus", "8"], "one step needs 4,800 images (8 x 600)"),
     Case("bn-one-image", "BN at 1 image per device", TRAIN + ["--norm", "bn", "--batch-size", "1"], "BN cannot train on 1 image"),
+    Case("seed-out-of-range", "a seed of 2^32 or more", TRAIN + ["--seed", "4294967296"], "--seed must be from 0 to 4294967295"),
+    Case("seed-negative", "a negative seed", TRAIN + ["--seed", "-1"], "--seed must be from 0 to 4294967295"),
+    Case("model-too-deep", "a model deeper than resnet1202", TRAIN + ["--model", "resnet6000002"], "deeper than any normlab builds"),
+    Case("number-too-large", "a whole number of 40 digits", TRAIN + ["--batch-size", "9" * 40], "beyond any sensible value"),
     Case("epochs-zero", "0 epochs", TRAIN + ["--epochs", "0"], "--epochs must be a positive"),
     Case("epochs-absurd", "an absurd number of epochs", TRAIN + ["--epochs", "1000000000"], "beyond any sensible run"),
     Case("lr-zero", "learning rate 0", TRAIN + ["--base-lr", "0"], "--base-lr must be a positive"),
@@ -201,6 +293,12 @@ CASES: list[Case | Elsewhere] = [
          REPRODUCE + ["--data-dir", "{data}"], "add --set data=cifar10 (or cifar100), or leave out --data-dir", area="data"),
     Case("data-dir-sample-search", "--data-dir for a search on the bundled sample",
          SEARCH + ["--data-dir", "{data}"], "these runs train on the bundled sample", area="data"),
+    Case("data-planted-pickle", "a batch file holding a pickle that would run code", TRAIN + ["--data", "cifar10", "--data-dir", "{data}"],
+         "is not a CIFAR batch: it asks to load io.open", replace_batch("planted"), area="data"),
+    Case("data-fifo", "a batch file that is a FIFO (never waited on)", TRAIN + ["--data", "cifar10", "--data-dir", "{data}"],
+         "data_batch_2 is a FIFO, not a regular file", replace_batch("fifo"), area="data"),
+    Case("data-huge", "a batch file of 300 MiB (sparse)", TRAIN + ["--data", "cifar10", "--data-dir", "{data}"],
+         "more than the 256.0 MiB normlab reads of it", replace_batch("huge"), area="data"),
     Elsewhere("data-checksum", "a downloaded archive whose MD5 is wrong", "checksum mismatch for the downloaded",
            "tests/test_faults.py::test_checksum_mismatch_on_download", area="data"),
     # -- studies and presets -------------------------------------------------------------------
@@ -222,6 +320,21 @@ CASES: list[Case | Elsewhere] = [
     Case("preset-rule", "a preset rule naming an unknown setting", REPRODUCE + ["--preset", "{tmp}/mine.yaml"],
          "'modle', which is not a run setting",
          preset("rules: [{when: {modle: resnet8}, set: {epochs: 2}}]\nstudies: {a: [{norm: [bn]}]}\n"), area="presets"),
+    Case("preset-aliases", "a preset with YAML aliases (600 bytes standing for billions of values)",
+         REPRODUCE + ["--preset", "{tmp}/mine.yaml"], "aliases (*name) are not supported", preset(ALIASES), area="presets"),
+    Case("preset-too-many-runs", "a preset whose grid has 10^10 runs", REPRODUCE + ["--preset", "{tmp}/mine.yaml"],
+         "more than the 10,000 runs normlab runs in one study", preset(HUGE_GRID), area="presets"),
+    Case("preset-huge-number", "a number of 5,000 digits in a preset", REPRODUCE + ["--preset", "{tmp}/mine.yaml"],
+         "holds a value normlab cannot read", preset("base: {epochs: 1" + "0" * 5000 + "}\nstudies: {s: [{norm: [bn]}]}\n"),
+         area="presets"),
+    Case("preset-nesting", "a preset nested 5,000 deep", REPRODUCE + ["--preset", "{tmp}/mine.yaml"], "nested too deeply",
+         preset("[" * 5000 + "]" * 5000 + "\n"), area="presets"),
+    Case("preset-fifo", "a preset that is a FIFO (never waited on)", REPRODUCE + ["--preset", "{tmp}/mine.yaml"],
+         "mine.yaml is a FIFO, not a regular file", fifo_preset, area="presets"),
+    Case("preset-seed-range", "a preset whose seeds run past 2^32 - 1", REPRODUCE + ["--preset", "{tmp}/mine.yaml", "--seeds", "2"],
+         "--seed must be from 0 to 4294967295", preset("base: {seed: 4294967295}\nstudies: {s: [{norm: [bn]}]}\n"),
+         area="presets"),
+    Case("seeds-too-many", "--seeds 100000000", REPRODUCE + ["--seeds", "100000000"], "at most 1,000", area="presets"),
     Case("seeds-zero", "0 seeds", REPRODUCE + ["--seeds", "0"], "--seeds must be a positive", area="presets"),
     Case("workers-zero", "0 workers", REPRODUCE + ["--workers", "0"], "--workers must be a positive", area="presets"),
     Case("only-unknown", "a study the preset does not have", REPRODUCE + ["--only", "colours"], "no study 'colours'", area="presets"),
@@ -249,6 +362,24 @@ CASES: list[Case | Elsewhere] = [
            "tests/test_faults.py::test_full_disk_is_one_line_and_keeps_existing_results", area="files"),
     Elsewhere("diverged", "a run whose loss becomes NaN (exit 2, its epochs kept)", "diverged in epoch",
            "tests/test_faults.py::test_diverging_train_is_one_line_exit_2", area="files"),
+    Case("run-lock-link", "a run's .lock that is a symbolic link (its target would be truncated)", TRAIN,
+         ".lock is a symbolic link", run_with(".lock", "link"), area="files"),
+    Case("run-directory-link", "a run directory that is a symbolic link (to another project's)", TRAIN,
+         "is a symbolic link", run_with("run", "link"), area="files"),
+    Case("run-config-not-normlabs", "a run's config.json that is JSON but not an object (a list)", TRAIN,
+         "config.json is not normlab's", run_with("config.json", "[1, 2]"), area="files"),
+    Elsewhere("run-file-huge", "a config.json, metrics.csv, status.json or checkpoint.pt of hundreds of MiB (sparse)",
+              "more than the", "tests/test_hostile_files.py::test_a_huge_sparse_checkpoint_is_refused_before_it_is_read", area="files"),
+    Elsewhere("checkpoint-structure", "a checkpoint of the wrong structure with a matching SHA-256 (keys, types, "
+              "shapes, views of a tiny storage, epochs, data order, optimizer, generator, another run's config)",
+              "is not a checkpoint of this run", "tests/test_hostile_inputs.py::test_a_checkpoint_of_the_wrong_structure_is_one_line",
+              area="files"),
+    Elsewhere("search-link", "the search's trials.log, optuna.journal or locks/ that is a symbolic link", "is a symbolic link",
+              "tests/test_hostile_files.py::test_the_search_never_writes_through_a_link", area="files"),
+    Case("search-journal-damaged", "a line of the search's journal that is not Optuna's", SEARCH,
+         "optuna.journal holds a line that is not JSON", damaged_journal, area="files"),
+    Case("report-figures-link", "a report's figures/ that is a symbolic link (to a thesis' figures)", ["report", "{tmp}/results"],
+         "figures is a symbolic link", figures_link, area="report"),
     Case("report-missing", "a results directory that does not exist", ["report", "{tmp}/nowhere"], "is not a directory", area="report"),
     Case("report-file", "a results directory that is a file", ["report", "{file}"], "is not a directory", area="report"),
     Case("report-empty", "a results directory without runs", ["report", "{tmp}/results"], "no runs in", results_directory, area="report"),

@@ -247,7 +247,7 @@ def test_kill_9_of_an_array_then_rerun_gives_the_uninterrupted_metrics(tmp_path)
 def test_evaluation_and_precise_bn_per_run():
     """Each run's test error and PreciseBN statistics in the array are its own."""
     from normlab.norms import precise_statistics
-    from normlab.train.loop import evaluate
+    from normlab.train.evaluation import evaluate
 
     cfg = RunConfig(model="resnet8", norm="bn", batch_size=8, virtual_gpus=2, precise_bn=64,
                     epochs=1).normalized()

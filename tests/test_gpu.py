@@ -17,7 +17,7 @@ from normlab.errors import NormlabError
 from normlab.norms import GhostBatchNorm2d
 from normlab.train import Interrupted, STOP, Trainer, ranks, start, train
 from normlab.train import build, fast, memory
-from normlab.train.loop import evaluate
+from normlab.train.evaluation import evaluate
 
 TIMING = ("seconds", "images_per_s")
 

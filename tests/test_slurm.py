@@ -2,6 +2,7 @@
 and a requeued run resume from their checkpoints, --no-wait hands over to a later command, the
 results equal the local runner's, and bad input is one line."""
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,69 @@ def test_slurm_study_preempted_and_requeued_equals_local(slurm, tiny_reference, 
     log = (out / ".slurm" / tasks[preempted] / f"{tasks[preempted]}_0_log.err").read_text()
     assert "Caught signal SIGUSR2" in log and "Requeued" in (out / ".slurm" / tasks[preempted] /
                                                              f"{tasks[preempted]}_0_log.out").read_text()
+
+
+class Planted:
+    """Unpickling this object calls open(canary, 'w'): it creates a file."""
+
+    def __init__(self, canary):
+        self.canary = str(canary)
+
+    def __reduce__(self):
+        return (open, (self.canary, "w"))
+
+
+def next_job_id() -> int:
+    """SLURM numbers jobs in sequence: the id the next submission will get."""
+    done = subprocess.run(["sbatch", "--parsable", "--partition", "debug", "--hold", "--output", "/dev/null",
+                           "--wrap", "true"], capture_output=True, text=True, check=True)
+    job = done.stdout.strip().split(";")[0]
+    subprocess.run(["scancel", job], capture_output=True)
+    return int(job) + 1
+
+
+def test_a_planted_result_pickle_never_runs(slurm, tiny_reference, tmp_path):
+    """A result pickle planted where each task's will be (job ids are sequential) is never read:
+    each task's outcome is the JSON it writes."""
+    preset, data, reference = tiny_reference
+    out, canary = tmp_path / "slurm", tmp_path / "canary"
+    array = next_job_id()
+    for task in range(3):
+        folder = out / ".slurm" / f"{array}_{task}"
+        folder.mkdir(parents=True)
+        (folder / f"{array}_{task}_0_result.pkl").write_bytes(pickle.dumps(("success", Planted(canary))))
+    (out / ".slurm").chmod(0o700)
+    done = subprocess.run(reproduce_command(preset, out, data), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert not canary.exists()
+    assert sorted(rundir.read_json(out / ".slurm" / "jobs.json")["runs"].values()) == \
+        [f"{array}_{task}" for task in range(3)]  # the planted ids were the tasks' own
+    same_metrics(out, reference)
+
+
+def test_seeds_fused_into_one_task_equal_the_local_array(slurm, tiny_reference, tmp_path):
+    """--fuse 2: the two seeds of a run train as one array in one task (jobs.json maps both to
+    it), with the metrics of the same array trained here."""
+    from normlab.config import RuntimeOptions
+    from normlab.study import expand, run_study
+
+    _, data, _ = tiny_reference
+    preset = tmp_path / "seeds.yaml"
+    preset.write_text("name: seeds\nbase: {model: resnet8, data: cifar10, epochs: 2, batch_size: 10}\n"
+                      "studies:\n  norms:\n    - {norm: [bn]}\n")
+    local = tmp_path / "local"
+    results = run_study(expand(str(preset), seeds=2), local, RuntimeOptions(data_dir=str(data), threads=1,
+                                                                           progress=False),
+                        array_size=lambda cfg: 2)
+    assert all(r["state"] == "done" for r in results.values())
+    out = tmp_path / "slurm"
+    done = subprocess.run(reproduce_command(preset, out, data, "--seeds", "2", "--fuse", "2"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "2 runs submitted in 1 task (2 of them fused into run arrays)" in done.stdout
+    tasks = rundir.read_json(out / ".slurm" / "jobs.json")["runs"]
+    assert len(tasks) == 2 and len(set(tasks.values())) == 1
+    same_metrics(out, local)
 
 
 def cli(capsys, *args):

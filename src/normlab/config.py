@@ -25,6 +25,11 @@ SCHEDULES = ("step", "multistep", "cosine")
 FAST_PATHS = ("off", "graph", "compile")  # --fast-path (train/fast.py)
 WARMUP_SHAPES = ("linear", "constant")
 MAX_EPOCHS = 10_000
+MAX_RUNS = 10_000        # runs in one study (the paper's has 54): checked before expansion
+MAX_SEEDS = 1_000        # seeds per point
+SEED_RANGE = 2**32       # seeds are in [0, 2^32): numpy's generators take no more
+MAX_MILESTONES = 100
+MAX_INT = 2**63 - 1      # any whole-number setting: what a tensor index or a C long can hold
 RAMP = RenormRamp()  # the paper's ramp, scaled to the run's length
 # RunConfig fields added after normlab 0.1. Left out of a config's dict (and so of its run id
 # and of the config check on resume) while at their defaults, so that every run of 0.1 keeps
@@ -97,9 +102,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "RunConfig":
         names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
+        unknown = sorted(str(k) for k in set(values) - set(names))
         if unknown:
-            raise NormlabError(f"{where}: unknown key '{unknown[0]}'; known keys: {', '.join(names)}")
+            raise NormlabError(f"{where}: unknown key {brief(unknown[0])}; known keys: {', '.join(names)}")
         clean = {}
         for key, value in values.items():
             clean[key] = coerce(key, value, type(getattr(cls(), key)), where)
@@ -118,6 +123,15 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every field; raise NormlabError naming the field and the fix."""
+        for f in dataclasses.fields(self):
+            values = getattr(self, f.name)
+            for value in values if isinstance(values, tuple) else (values,):
+                if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+                    raise NormlabError(f"{flag(f.name)} {short_number(value)} is beyond any sensible value")
+        if len(self.milestones) > MAX_MILESTONES:
+            raise NormlabError(f"--milestones: {len(self.milestones)} of them; use at most {MAX_MILESTONES}")
+        if not 0 <= self.seed < SEED_RANGE:
+            raise NormlabError(f"--seed must be from 0 to {SEED_RANGE - 1} (2^32 - 1), got {short_number(self.seed)}")
         parse_model(self.model)
         norm = parse_norm(self.norm)
         check_norm_fits(norm)
@@ -238,10 +252,26 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def short_number(value: int) -> str:
+    """A whole number as an error message shows it: huge ones by their size."""
+    return str(value) if abs(value) < 10**30 else f"(a number of about {value.bit_length() * 0.30103:.0f} digits)"
+
+
+def brief(value) -> str:
+    """A value from a file as an error message shows it: one short line."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return short_number(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def coerce(key: str, value, kind: type, where: str):
     """Check a YAML/JSON value against the field's type, naming the key on mismatch."""
     def bad():
-        return NormlabError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+        return NormlabError(f"{where}: '{key}' must be {kind.__name__}, got {brief(value)}")
     if kind is bool:
         if not isinstance(value, bool):
             raise bad()
@@ -253,10 +283,13 @@ def coerce(key: str, value, kind: type, where: str):
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise NormlabError(f"{where}: '{key}' is too large a number") from None
     if kind is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise NormlabError(f"{where}: '{key}' must be a list of whole numbers, got {value!r}")
+            raise NormlabError(f"{where}: '{key}' must be a list of whole numbers, got {brief(value)}")
         return tuple(value)
     if not isinstance(value, str):
         raise bad()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import rundir
 from .errors import NormlabError
 
 SAMPLE_FILE = Path(__file__).parent / "assets" / "cifar10_sample.npz.xz"
@@ -50,6 +51,7 @@ SOURCES = {
                        "eb9058c3a382ffc7106e4002c42a8d85"),
 }
 DATA_CHOICES = ("sample", *SOURCES)
+MAX_BATCH_BYTES = 256 * rundir.MiB  # the largest official batch file is 155 MiB (CIFAR-100 train)
 SIZES = {"sample": (4000, 1000), "cifar10": (50000, 10000), "cifar100": (50000, 10000)}  # train, test
 
 
@@ -93,6 +95,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_split: int =
         folder = find_folder(source, data_dir, download)
         train = read_split(folder, source.train_files, source)
         test = read_split(folder, source.test_files, source)
+        if not len(test):
+            raise NormlabError(f"{folder / source.test_files[0]} holds no images; replace it with an intact "
+                               f"copy (or delete {folder} to download the data set again)")
         num_classes, location = source.num_classes, str(folder.resolve())
     else:
         raise NormlabError(f"unknown data set '{name}'; use one of: {', '.join(DATA_CHOICES)}")
@@ -157,7 +162,8 @@ def fetch_archive(source: Source, root: Path) -> None:
     partial = archive.with_suffix(".part")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(source.url, timeout=15) as response, open(partial, "wb") as out:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)  # never through a link
+        with urllib.request.urlopen(source.url, timeout=15) as response, open(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             digest = hashlib.md5()
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {archive.name}") as bar:
@@ -192,25 +198,92 @@ def read_split(folder: Path, files: tuple[str, ...], source: Source) -> Split:
 
 def read_batch_file(path: Path, source: Source) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch, checked for structure, shapes and label range (not for the official
-    checksum: copies such as the shared one differ in file names yet hold the same images)."""
+    checksum: copies such as the shared one differ in file names yet hold the same images).
+    Read with BatchUnpickler: nothing in the file can run code."""
     fix = f"replace {path} with an intact copy (or delete {path.parent} to download it again)"
-    if not path.exists():
-        raise NormlabError(f"{path} is missing; {fix}")
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[source.label_key.encode()])
+        raw = rundir.read_bytes(path, MAX_BATCH_BYTES, follow=True)
+    except FileNotFoundError:
+        raise NormlabError(f"{path} is missing; {fix}") from None
+    except NormlabError as err:
+        raise NormlabError(f"{err}; {fix}") from None
+    try:
+        batch = BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Forbidden as err:
+        raise NormlabError(f"{path} is not a CIFAR batch: it asks to load {err}, which a CIFAR batch "
+                           f"never holds, so it was not loaded (nothing in it ran); {fix}") from None
     except Exception as err:  # unpickling garbage can raise almost anything
         raise NormlabError(f"{path} is corrupt or truncated ({type(err).__name__}); {fix}") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise NormlabError(f"{path} holds images of shape {data.shape} and type {data.dtype}, "
+    if not isinstance(batch, dict) or b"data" not in batch or source.label_key.encode() not in batch:
+        raise NormlabError(f"{path} is corrupt or truncated (not a CIFAR batch: no {source.label_key} "
+                           f"and data); {fix}")
+    data, labels = batch[b"data"], batch[source.label_key.encode()]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", type(data).__name__)
+        raise NormlabError(f"{path} holds images of shape {shape} and type {dtype}, "
                            f"expected (N, 3072) uint8; {fix}")
+    if isinstance(labels, list) and all(type(v) is int for v in labels):
+        labels = np.array(labels, dtype=np.int64) if all(-2**63 <= v < 2**63 for v in labels) else None
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise NormlabError(f"{path} has labels that are not a list of whole numbers; {fix}")
     if labels.shape != (data.shape[0],):
         raise NormlabError(f"{path} has {labels.size} labels for {data.shape[0]} images; {fix}")
     if labels.size and (labels.min() < 0 or labels.max() >= source.num_classes):
         raise NormlabError(f"{path} has labels outside 0..{source.num_classes - 1}; {fix}")
     return data, labels.astype(np.int64)
+
+
+class Forbidden(Exception):
+    """A pickle asked for something a CIFAR batch does not hold."""
+
+
+def _reconstruct(subtype, shape, dtype):
+    """numpy's ndarray reconstruction, as the official files call it: an empty array, filled
+    by __setstate__ (which checks that the data fits the shape)."""
+    if subtype is not np.ndarray or tuple(shape) != (0,) or dtype != b"b":
+        raise Forbidden("an ndarray reconstruction with other arguments")
+    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
+def _dtype(name, align=False, copy=False):
+    name = name.decode("latin1") if isinstance(name, bytes) else name
+    if name not in ARRAY_TYPES or not isinstance(align, bool) or not isinstance(copy, bool):
+        raise Forbidden(f"numpy.dtype({name!r})")
+    return np.dtype(name)
+
+
+def _frombuffer(buffer, dtype, shape, order):
+    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or order not in "CF":
+        raise Forbidden("numpy's _frombuffer with other arguments")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+
+
+def _encode(text, encoding):
+    if not isinstance(text, str) or encoding != "latin1":
+        raise Forbidden("_codecs.encode with other arguments")
+    return text.encode("latin1")
+
+
+ARRAY_TYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")
+# What the official batches (numpy.core) and copies re-pickled by newer numpy (numpy._core,
+# protocol 2's bytes, protocol 5's buffers) name; nothing else is ever looked up.
+ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+           ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+           ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype,
+           ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+           ("numpy._core.numeric", "_frombuffer"): _frombuffer, ("_codecs", "encode"): _encode}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """The pickle format of a CIFAR batch and nothing else: dicts, lists, bytes, text, numbers
+    and uint8/int arrays. Any other global (a function to call, a class to build) is refused
+    before it is looked up, so no code in the file runs."""
+
+    def find_class(self, module: str, name: str):
+        found = ALLOWED.get((module, name))
+        if found is None:
+            raise Forbidden(f"{module}.{name}")
+        return found
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .norms import NORM_MODULES, NormSpec, make_conv, make_norm, parse_norm
 
 STAGE_WIDTHS = (16, 32, 64)
 KNOWN_DEPTHS = (20, 32, 44, 56, 110, 1202)
+MAX_DEPTH = 1202  # He et al.'s deepest; deeper ones are refused before anything is built
 
 
 class PadShortcut(nn.Module):
@@ -101,11 +102,14 @@ def init_weights(model: nn.Module, zero_init_residual: bool = True) -> None:
 
 def parse_model(name: str) -> int:
     """'resnet56' -> 56, refusing depths that are not 6n+2."""
-    match = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
+    match = re.fullmatch(r"resnet(\d{1,9})", str(name).strip().lower()[:100])
     depth = int(match.group(1)) if match else 0
+    if depth > MAX_DEPTH:
+        raise NormlabError(f"model '{name}' is deeper than any normlab builds (at most resnet{MAX_DEPTH}, "
+                           f"He et al.'s deepest); use a smaller depth")
     if depth < 8 or (depth - 2) % 6:
         raise NormlabError(
-            f"unknown model '{name}'; use resnetD with D = 6n+2, e.g. "
+            f"unknown model '{str(name)[:60]}'; use resnetD with D = 6n+2, e.g. "
             + ", ".join(f"resnet{d}" for d in KNOWN_DEPTHS))
     return depth
 

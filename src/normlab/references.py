@@ -12,14 +12,13 @@ goes on without published numbers (one warning line).
 """
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
-from .config import RunConfig
+from . import yamlfile
+from .config import RunConfig, brief
 from .errors import NormlabError
 from .norms import canonical_norm
 
@@ -29,6 +28,9 @@ ENTRY_KEYS = {"model", "norm", "batch_size", "error", "where", "note", "recipe"}
 # The training recipe of a setting, in run-config fields (an entry's recipe adds to its setting's).
 RECIPE_KEYS = {"epochs", "schedule", "step_size", "milestones", "base_lr", "base_batch", "warmup_epochs",
                "warmup_steps", "warmup_shape", "warmup_factor", "sync_bn"}
+# Text goes into Markdown tables and figure labels as it is: no control characters and none
+# that Markdown, HTML or matplotlib's math would read as syntax.
+SYNTAX = re.compile(r"[\x00-\x1f\x7f|<>`$\\\[\]*_~]")
 
 
 @dataclass(frozen=True)
@@ -90,17 +92,16 @@ def load(path: str | Path | None = None) -> list[Published]:
     """Every published number in the file (the package's own by default), checked."""
     where = str(path) if path is not None else "normlab/references.yaml"
     try:
-        text = (Path(path) if path is not None else default_path()).read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = yamlfile.read(path) if path is not None else yamlfile.load(default_path().read_text(encoding="utf-8"), where)
     except (OSError, UnicodeDecodeError) as err:
         raise NormlabError(f"cannot read {where} ({getattr(err, 'strerror', None) or err})") from None
-    except yaml.YAMLError as err:
-        raise NormlabError(f"{where} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("sources"), dict) \
             or not isinstance(data.get("settings"), list):
         raise NormlabError(f"{where}: expected a mapping with 'sources' (name -> name, cite) and "
                            f"'settings' (a list)")
     sources = {}
+    if not all(isinstance(key, str) for key in data["sources"]):
+        raise NormlabError(f"{where}: the names of 'sources' must be text")
     for key, source in data["sources"].items():
         check_keys(source, SOURCE_KEYS, SOURCE_KEYS, f"{where}: source '{key}'")
         sources[key] = {k: text_field(source, k, f"{where}: source '{key}'") for k in SOURCE_KEYS}
@@ -108,7 +109,7 @@ def load(path: str | Path | None = None) -> list[Published]:
     for i, setting in enumerate(data["settings"], 1):
         at = f"{where}: setting {i}"
         check_keys(setting, SETTING_KEYS, SETTING_KEYS - {"model", "recipe"}, at)
-        if setting["source"] not in sources:
+        if not isinstance(setting["source"], str) or setting["source"] not in sources:
             raise NormlabError(f"{at}: unknown source '{setting['source']}'; known: {', '.join(sources)}")
         if not isinstance(setting["errors"], list) or not setting["errors"]:
             raise NormlabError(f"{at}: 'errors' must be a non-empty list")
@@ -125,8 +126,8 @@ def load(path: str | Path | None = None) -> list[Published]:
                 devices=whole(merged, "devices", here), setup=text_field(merged, "setup", here),
                 metric=text_field(merged, "metric", here), approx=flag(merged, "approx", here),
                 norm=norm_field(merged, here), batch_size=whole(merged, "batch_size", here),
-                error=percent(merged, here), where=str(merged.get("where", "")),
-                note=str(merged.get("note", "")),
+                error=percent(merged, here), where=text_field(merged, "where", here, optional=True),
+                note=text_field(merged, "note", here, optional=True),
                 recipe=recipe_field({**(setting.get("recipe") or {}), **(entry.get("recipe") or {})}, here))
             key = published.setting + (published.norm, published.batch_size)
             if key in seen:
@@ -164,31 +165,34 @@ def recipe_field(recipe, where: str) -> tuple:
     return tuple(sorted((k, getattr(cfg, k)) for k in recipe))
 
 
-def text_field(values: dict, key: str, where: str) -> str:
-    value = values.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise NormlabError(f"{where}: '{key}' must be a non-empty text, got {value!r}")
+def text_field(values: dict, key: str, where: str, optional: bool = False) -> str:
+    value = values.get(key, "" if optional else None)
+    if not isinstance(value, str) or not (value.strip() or optional) or len(value) > 500:
+        raise NormlabError(f"{where}: '{key}' must be a non-empty text of at most 500 characters, got "
+                           f"{brief(value)}")
+    if SYNTAX.search(value):
+        raise NormlabError(f"{where}: '{key}' holds {SYNTAX.search(value).group()!r}; write plain text "
+                           f"(no control characters, none of | < > ` $ \\ [ ] * _ ~)")
     return value.strip()
 
 
 def whole(values: dict, key: str, where: str) -> int:
     value = values.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise NormlabError(f"{where}: '{key}' must be a positive whole number, got {value!r}")
+        raise NormlabError(f"{where}: '{key}' must be a positive whole number, got {brief(value)}")
     return value
 
 
 def flag(values: dict, key: str, where: str) -> bool:
     if not isinstance(values.get(key), bool):
-        raise NormlabError(f"{where}: '{key}' must be true or false, got {values.get(key)!r}")
+        raise NormlabError(f"{where}: '{key}' must be true or false, got {brief(values.get(key))}")
     return values[key]
 
 
 def percent(values: dict, where: str) -> float:
     value = values.get("error")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= 100:
-        raise NormlabError(f"{where}: 'error' must be a percentage between 0 and 100, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:  # NaN too
+        raise NormlabError(f"{where}: 'error' must be a percentage between 0 and 100, got {brief(value)}")
     return float(value)
 
 

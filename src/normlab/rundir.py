@@ -6,123 +6,51 @@
     status.json     running / done / diverged / failed / interrupted, with a summary
     .lock           held (flock) by the process training the run
 
-Every file is written atomically (temporary file, fsync, rename): after a crash at any
-moment each file is either complete or absent.
+Every file is written and read through files.py (re-exported here): atomically, with the
+user's umask, never through a symbolic link below the results directory, within bounds.
 """
 from __future__ import annotations
 
 import csv
-import errno
 import fcntl
 import io
 import json
+import math
 import os
-import socket
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
-from .errors import NormlabError
+from .files import (DEFAULT_LIMIT, LIMITS, MiB, Unreadable, _HOST, append_line, atomic_write,  # noqa: F401
+                    commit, confine, hard_link, load_json, make_dir, open_lock_file, parse_json,
+                    read_bytes, read_json, read_text, remove, remove_stale_temps, rename_aside,
+                    size_text, stage)
 
 CONFIG, METRICS, CHECKPOINT, STATUS, LOCK = (
     "config.json", "metrics.csv", "checkpoint.pt", "status.json", ".lock")
 FINISHED = ("done", "diverged")
-_HOST = socket.gethostname().replace(".", "_") or "host"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path so that readers see the old file or the new one, never a mix."""
-    commit(stage(path, data), path)
-
-
-def stage(path: Path, data: bytes) -> Path:
-    """Write data, fsynced, to a temporary file beside path (named after this host and process,
-    so that remove_stale_temps knows whose it is); commit() puts it in place."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Path(tmp)
-    except OSError as err:
-        raise _write_error(path, err) from None
-
-
-def commit(tmp: Path, path: Path) -> None:
-    """Rename a staged file over path and make the rename durable (fsync of the directory)."""
-    path = Path(path)
-    try:
-        try:
-            _fault_point(path)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        raise _write_error(path, err) from None
-
-
-def _write_error(path: Path, err: OSError) -> NormlabError:
-    if err.errno == errno.ENOSPC:
-        return NormlabError(f"no space left to write {path}; free disk space or choose another "
-                            f"--out, then run the same command again to resume")
-    return NormlabError(f"cannot write {path} ({err.strerror}); choose a writable --out")
-
-
-def _fault_point(path: Path) -> None:
-    """For the soak test (scripts/soak.py) only: NORMLAB_FAULT_WRITE_DELAY=S holds every write
-    S seconds between its temporary file and the rename, so that random kills land there."""
-    delay = os.environ.get("NORMLAB_FAULT_WRITE_DELAY")
-    if delay:
-        time.sleep(float(delay))
-
-
-def remove_stale_temps(directory: Path) -> int:
-    """Delete temporary files that a killed process of this host left in directory (a live
-    process's, or another host's, are kept). Returns how many were removed."""
-    removed = 0
-    for tmp in Path(directory).glob(f".*.{_HOST}.*.tmp"):
-        pid = tmp.name[:-len(".tmp")].split(f".{_HOST}.", 1)[1].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def read_status(path: Path) -> dict | None:
+    """status.json with the fields normlab uses checked (a wrong one is dropped), or None when
+    it is absent, unreadable or has no state: a status written by someone else never crashes
+    a line that prints it."""
+    status = read_json(path)
+    if status is None or not isinstance(status.get("state"), str) or len(status["state"]) > 40:
+        return None
+    summary = status.get("summary")
+    status["summary"] = {k: v for k, v in summary.items() if type(v) in (int, float) and math.isfinite(v)} \
+        if isinstance(summary, dict) else {}
+    for key, kind in (("epoch", int), ("epochs", int), ("diverged_in_epoch", int), ("error", str)):
+        if key in status and type(status[key]) is not kind:
+            del status[key]
+    return status
 
 
 def write_json(path: Path, value) -> None:
     atomic_write(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
+# -- metrics.csv ------------------------------------------------------------------------------
 def write_metrics(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     if rows:
@@ -133,17 +61,26 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.csv with numbers as floats (epoch as int)."""
+    """Rows of metrics.csv with numbers as floats (epoch as int); [] when absent. A file that
+    is not normlab's (unreadable, a row that is not numbers, epochs out of order) is
+    Unreadable."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
+        text = read_text(path)
+    except FileNotFoundError:
         return []
-    out = []
-    for row in rows:
-        parsed = {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-        parsed["epoch"] = int(parsed["epoch"])
-        out.append(parsed)
+    out, line = [], 1
+    try:
+        for line, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2):
+            if None in row or None in row.values() or "epoch" not in row:
+                raise ValueError("the wrong number of fields")
+            parsed = {k: float(v) if v != "" else math.nan for k, v in row.items()}
+            if not math.isfinite(parsed["epoch"]) or parsed["epoch"] != len(out) + 1:
+                raise ValueError(f"epoch {row['epoch']} where {len(out) + 1} belongs")
+            parsed["epoch"] = len(out) + 1
+            out.append(parsed)
+    except (ValueError, csv.Error) as err:
+        raise Unreadable(f"{path} line {line} is damaged "
+                         f"({str(err).splitlines()[0][:100]})") from None
     return out
 
 
@@ -181,7 +118,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> bool:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_lock_file(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -206,8 +143,14 @@ class RunLock:
 
 
 def list_runs(root: Path) -> list[Path]:
-    """Run directories under root (any depth), identified by their config.json."""
+    """Run directories under root (any depth), identified by their config.json; directories
+    that are links are not entered."""
     root = Path(root)
     if (root / CONFIG).exists():
         return [root]
-    return sorted(p.parent for p in root.rglob(CONFIG) if ".old-" not in p.parent.name)
+    found = []
+    for here, dirs, files in os.walk(root):  # followlinks=False
+        dirs[:] = sorted(d for d in dirs if ".old-" not in d)
+        if CONFIG in files:
+            found.append(Path(here))
+    return sorted(found)

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
-from . import rundir
-from .config import RunConfig, RuntimeOptions
+from . import rundir, yamlfile
+from .config import MAX_RUNS, MAX_SEEDS, RunConfig, RuntimeOptions, brief
 from .data import SIZES
 from .errors import NormlabError
 from .records import write_record
@@ -49,16 +47,13 @@ def read_preset(name_or_path: str) -> tuple[dict, str]:
         raise NormlabError(f"preset {name_or_path} is a directory; pass a .yaml file, or one of: "
                            f"{', '.join(preset_names())}")
     if name_or_path in preset_names():
-        text, where = resources.files("normlab.presets").joinpath(f"{name_or_path}.yaml").read_text(), name_or_path
-    elif path.suffix in (".yaml", ".yml") and path.is_file():
-        text, where = path.read_text(), str(path)
+        where = name_or_path
+        preset = yamlfile.load(resources.files("normlab.presets").joinpath(f"{name_or_path}.yaml").read_text(), where)
+    elif path.suffix in (".yaml", ".yml") and path.exists():
+        preset, where = yamlfile.read(path), str(path)
     else:
         raise NormlabError(f"unknown preset '{name_or_path}'; use one of: {', '.join(preset_names())}, "
                            f"or the path of your own .yaml file")
-    try:
-        preset = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise NormlabError(f"{where} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(preset, dict):
         raise NormlabError(f"{where}: expected a mapping with keys {', '.join(sorted(PRESET_KEYS))}")
     unknown = sorted(set(preset) - PRESET_KEYS)
@@ -74,32 +69,36 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise NormlabError(f"--set expects key=value, got '{pair}'")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise NormlabError(f"--set {pair}: cannot read the value") from None
+        out[key.strip()] = yamlfile.load(value, f"--set {pair}")
     return out
 
 
 def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | None = None,
            only: list[str] | None = None, batch_sizes: list[int] | None = None) -> Study:
-    """Expand a preset into its runs. seeds/overrides/batch_sizes replace the preset's values."""
+    """Expand a preset into its runs. seeds/overrides/batch_sizes replace the preset's values.
+    Everything is checked, and the number of runs bounded, before anything is expanded."""
     preset, where = read_preset(name_or_path)
-    base = dict(preset.get("base") or {})
+    base = preset.get("base") or {}
     if not isinstance(base, dict):
         raise NormlabError(f"{where}: 'base' must be a mapping of run settings")
-    base.update(overrides or {})
+    base = {**base, **(overrides or {})}
+    first_seed = base.get("seed", 0)
+    if not isinstance(first_seed, int) or isinstance(first_seed, bool):
+        raise NormlabError(f"{where}: 'seed' must be int, got {first_seed!r}")
     seeds = seeds if seeds is not None else preset.get("seeds", 1)
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise NormlabError(f"{where}: 'seeds' must be a positive whole number, got {seeds!r}")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
+        raise NormlabError(f"{where}: 'seeds' must be a positive whole number, at most {MAX_SEEDS:,}, got {brief(seeds)}")
     workers = preset.get("workers", 1)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise NormlabError(f"{where}: 'workers' must be a positive whole number, got {workers!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 1024:
+        raise NormlabError(f"{where}: 'workers' must be a positive whole number, at most 1024, got {brief(workers)}")
+    for key in ("name", "description"):
+        if not isinstance(preset.get(key, ""), str):
+            raise NormlabError(f"{where}: '{key}' must be text, got {preset[key]!r}")
     probes = preset.get("probes")
     if probes is not None and not isinstance(probes, bool):
-        raise NormlabError(f"{where}: 'probes' must be true or false, got {probes!r}")
+        raise NormlabError(f"{where}: 'probes' must be true or false, got {brief(probes)}")
     studies = preset.get("studies")
-    if not isinstance(studies, dict) or not studies:
+    if not isinstance(studies, dict) or not studies or not all(isinstance(k, str) for k in studies):
         raise NormlabError(f"{where}: 'studies' must map study names to lists of grids")
     if only:
         missing = sorted(set(only) - set(studies))
@@ -107,22 +106,24 @@ def expand(name_or_path: str, *, seeds: int | None = None, overrides: dict | Non
             raise NormlabError(f"no study '{missing[0]}' in {where}; it has: {', '.join(studies)}")
         studies = {k: v for k, v in studies.items() if k in only}
     rules = read_rules(preset.get("rules"), where)
+    grids_of = {}
+    for study, grids in studies.items():
+        grids_of[study] = []
+        for grid in grids if isinstance(grids, list) else [grids]:
+            if not isinstance(grid, dict) or not all(isinstance(k, str) for k in grid):
+                raise NormlabError(f"{where}: study '{study}' must be a list of mappings (grids)")
+            if batch_sizes and study == "batch-size":
+                grid = {**grid, "batch_size": list(batch_sizes)}
+            grids_of[study].append({k: v if isinstance(v, list) else [v] for k, v in grid.items()})
+    check_size(grids_of, seeds, where)
     runs: dict[str, RunConfig] = {}
     membership: dict[str, list[str]] = {}
-    for study, grids in studies.items():
-        grids = grids if isinstance(grids, list) else [grids]
+    for study, grids in grids_of.items():
         ids = membership.setdefault(study, [])
         for grid in grids:
-            if not isinstance(grid, dict):
-                raise NormlabError(f"{where}: study '{study}' must be a list of mappings (grids)")
-            grid = dict(grid)
-            if batch_sizes and study == "batch-size":
-                grid["batch_size"] = list(batch_sizes)
-            keys = list(grid)
-            values = [v if isinstance(v, list) else [v] for v in grid.values()]
-            for combo in itertools.product(*values):
+            for combo in itertools.product(*grid.values()):
                 for seed in range(seeds):
-                    fields = {**base, **dict(zip(keys, combo)), "seed": base.get("seed", 0) + seed}
+                    fields = {**base, **dict(zip(grid, combo)), "seed": first_seed + seed}
                     fields = apply_rules(rules, fields, overrides or {})
                     cfg = RunConfig.from_dict(fields, where=f"{where} ({study})").normalized().validate()
                     run_id = cfg.run_id()
@@ -165,6 +166,23 @@ def apply_rules(rules: list[tuple[dict, dict]], fields: dict, overrides: dict) -
     return fields
 
 
+def check_size(grids_of: dict[str, list[dict]], seeds: int, where: str) -> None:
+    """Refuse, before anything is expanded, a study of more than MAX_RUNS runs (the paper's
+    has 54): a short file could otherwise ask for billions."""
+    total = 0
+    for grid in (g for grids in grids_of.values() for g in grids):
+        if any(not v for v in grid.values()):
+            continue  # an empty list: no runs
+        size = seeds
+        for values in grid.values():
+            size = min(size * len(values), MAX_RUNS + 1)
+        total += size
+        if total > MAX_RUNS:
+            raise NormlabError(f"{where}: the studies ask for more than the {MAX_RUNS:,} runs normlab runs "
+                               f"in one study (seeds times the product of each grid's lists); split the "
+                               f"study, or use fewer values or seeds")
+
+
 def steps_per_epoch(cfg: RunConfig) -> int:
     """Steps per epoch on the data set's nominal size (the last partial step is dropped)."""
     return (SIZES[cfg.data][0] - cfg.val_split) // cfg.images_per_step
@@ -183,11 +201,17 @@ def relative_cost(cfg: RunConfig) -> float:
 
 
 def run_status(run_dir: Path, cfg: RunConfig) -> dict:
-    """The run's status; a directory holding another config never counts as this run's result."""
-    info = rundir.read_json(run_dir / rundir.CONFIG)
+    """The run's status; a directory holding another config, or a config that is not
+    normlab's, never counts as this run's result (training it says why, in one line)."""
+    try:
+        info = rundir.load_json(run_dir / rundir.CONFIG)
+    except FileNotFoundError:
+        info = None
+    except rundir.Unreadable:
+        return {"state": "config unreadable"}
     if info and info.get("config") != cfg.to_dict():
         return {"state": "config differs"}
-    return rundir.read_json(run_dir / rundir.STATUS) or {"state": "new"}
+    return rundir.read_status(run_dir / rundir.STATUS) or {"state": "new"}
 
 
 def plan_arrays(runs: dict[str, RunConfig], todo: list[str], size) -> list[tuple[str, ...]]:
@@ -220,7 +244,7 @@ def run_study(study: Study, out: Path, opts: RuntimeOptions, workers: int = 1, d
     from .backends.local import LocalBackend
     from .train import STOP
 
-    out = Path(out)
+    out = rundir.confine(out)  # no link followed below the results directory
     owned = backend is None
     backend = backend or LocalBackend(opts, workers)
     try:

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .. import rundir
 from ..config import RuntimeOptions
 from ..errors import NormlabError
 from .base import Backend, Job, options_for_nodes, positive, train_job
@@ -80,10 +81,10 @@ def _probe(out: str, token: str) -> str | None:
         return f"{where} does not see {out} (not a shared directory)"
     mine = Path(out) / f".normlab-probe-{token}-{where}-{os.getpid()}"
     try:
-        mine.write_text("ok")
+        rundir.atomic_write(mine, b"ok")  # as the runs will write: atomically, never through a link
         mine.unlink()
-    except OSError as err:
-        return f"{where} cannot write {out} ({err.strerror})"
+    except (OSError, NormlabError) as err:
+        return f"{where} cannot write {out} ({getattr(err, 'strerror', None) or err})"
     return None
 
 
@@ -169,7 +170,7 @@ class RayBackend(Backend):
         marker = out / f".normlab-probe-{token}"
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
         try:
-            marker.write_text("normlab checks that every Ray node can write here\n")
+            rundir.atomic_write(marker, b"normlab checks that every Ray node can write here\n")
             refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                     .remote(str(out.absolute()), token) for n in self.nodes]
             try:

@@ -1,13 +1,19 @@
-"""A SLURM cluster: the study's runs go out as one job array, through submitit.
+"""A SLURM cluster: the study's jobs go out as one job array, through submitit.
 
-Each array task trains one run into the results directory, which every node must share.
+Each array task trains one job (a run, or an array of runs fused into one model: runs that
+differ only in their seeds) into the results directory, which every node must share.
 On SLURM's warning signal (USR2, sent before a time limit or, where the cluster is set up for
-it, a preemption) submitit calls TrainRun.checkpoint(): the run checkpoints at its next step
+it, a preemption) submitit calls TrainRun.checkpoint(): the runs checkpoint at their next step
 and the task is requeued, to resume there. With --no-wait this process returns once the
-array is queued; the array's task ids are kept in OUT/.slurm/jobs.json, so that a later
+array is queued; each run's task id is kept in OUT/.slurm/jobs.json, so that a later
 `normlab reproduce` waits for the runs still queued instead of submitting them again (and
 `normlab report` reads whatever has finished). This process follows the tasks with squeue
 and the run directories: the cluster needs no accounting database (sacct).
+
+submitit hands each task its work as a pickle in OUT/.slurm, which the node unpickles, and
+would hand back its result the same way. So OUT/.slurm is private (mode 0700, this user's, no
+link; one that others could write is refused), and no pickle is ever read here: each task
+writes its outcome as JSON (OUT/.slurm/outcomes/TASK.json), checked before it is used.
 """
 from __future__ import annotations
 
@@ -15,8 +21,10 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -28,7 +36,7 @@ from tqdm import tqdm
 from .. import rundir
 from ..config import RuntimeOptions
 from ..errors import NormlabError
-from .base import Backend, RunJob, options_for_nodes, positive, train_one
+from .base import Backend, Job, options_for_nodes, positive, train_job
 
 try:
     import submitit
@@ -44,41 +52,50 @@ POLL_SECONDS = 3         # how often squeue and the run directories are read
 BUSY_SECONDS = 10        # a task whose run another process trains checks back this often
 RESULT_GRACE = 15        # seconds a shared filesystem may lag behind a task that ended
 DEFAULT_MINUTES = 24 * 60
+TASK_ID = re.compile(r"\d{1,12}_\d{1,9}")  # an array task as sbatch and squeue name it
+STATES = ("done", "diverged", "failed", "interrupted", "busy")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "PREEMPTED"}
 
 
 class TrainRun(Checkpointable):
-    """One array task: train one run. Training runs in a thread so that the main thread is free
+    """One array task: train one job (a run or an array of runs), then write each run's outcome
+    (OUT/.slurm/outcomes/TASK.json). Training runs in a thread so that the main thread is free
     for SLURM's signal, whose handler (submitit's) calls checkpoint() and then requeues."""
 
-    def __call__(self, job: RunJob, opts: RuntimeOptions) -> dict:
+    def __init__(self, outcomes: str):
+        self.outcomes = outcomes
+
+    def __call__(self, job: Job, opts: RuntimeOptions) -> dict:
         from ..train import STOP
 
         STOP.clear()
-        self.result: dict = {}
+        rundir.confine(Path(self.outcomes).parent.parent)  # OUT: nothing below it is followed
+        self.results: dict = {}
         self.thread = threading.Thread(target=self._train, args=(job, opts), daemon=True)
         self.thread.start()
         while self.thread.is_alive():
             self.thread.join(0.5)
-        return self.result
+        task = submitit.JobEnvironment().job_id
+        rundir.write_json(Path(self.outcomes) / f"{task}.json", {"results": self.results})
+        return {rid: r.get("state") for rid, r in self.results.items()}
 
-    def _train(self, job: RunJob, opts: RuntimeOptions) -> None:
+    def _train(self, job: Job, opts: RuntimeOptions) -> None:
         from ..train import STOP
 
-        result = train_one(job, opts)
-        while result.get("state") == "busy" and not STOP.wait(BUSY_SECONDS):
-            result = train_one(job, opts)  # its lock may be free now: resume, or skip it if finished
-        self.result.update(result)
+        results = train_job(job, opts)
+        while any(r.get("state") == "busy" for r in results.values()) and not STOP.wait(BUSY_SECONDS):
+            results = train_job(job, opts)  # the locks may be free now: resume, or skip what is finished
+        self.results.update(results)
 
-    def checkpoint(self, job: RunJob, opts: RuntimeOptions) -> "DelayedSubmission":
+    def checkpoint(self, job: Job, opts: RuntimeOptions) -> "DelayedSubmission":
         """Called on the warning signal: checkpoint at the next step, then resume from there."""
         from ..train import STOP
 
         STOP.set()
         if getattr(self, "thread", None) is not None:
             self.thread.join()
-        return DelayedSubmission(TrainRun(), job, opts)
+        return DelayedSubmission(TrainRun(self.outcomes), job, opts)
 
 
 def minutes(text: str) -> int | None:
@@ -147,16 +164,14 @@ def queue_states(array_ids: set[str]) -> dict[str, str] | None:
 
 @dataclasses.dataclass
 class Task:
-    run_id: str
-    run_dir: Path
+    runs: dict[str, Path]           # run id -> run directory: the runs of this call it trains
     job: "submitit.SlurmJob"
     ended_at: float | None = None   # when squeue first showed it ended without a result
-    epoch: int = -1                 # last epoch shown on the display
+    epochs: dict = dataclasses.field(default_factory=dict)  # run id -> last epoch shown
 
 
 class SlurmBackend(Backend):
     name = "slurm"
-    arrays = False  # one task per run
 
     def __init__(self, opts: RuntimeOptions, partition: str | None = None, cpus_per_run: float | None = None,
                  gpus_per_run: float | None = None, time_limit: str | None = None,
@@ -223,13 +238,19 @@ class SlurmBackend(Backend):
 
     # -- submitting and following --------------------------------------------------------
     def _record(self) -> dict[str, str]:
-        return (rundir.read_json(self.folder / "jobs.json") or {}).get("runs", {})
+        """Run id -> task id of the runs this results directory has submitted (the runs of an
+        array share their task)."""
+        runs = (rundir.read_json(self.folder / "jobs.json") or {}).get("runs")
+        if not isinstance(runs, dict):
+            return {}
+        return {rid: tid for rid, tid in runs.items() if isinstance(tid, str) and TASK_ID.fullmatch(tid)}
 
     def _job(self, task_id: str):
         return submitit.SlurmJob(folder=self.folder / "%j", job_id=task_id)
 
-    def _submit(self, jobs: list[RunJob]) -> dict[str, str]:
+    def _submit(self, jobs: list[Job]) -> dict[str, str]:
         executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=MAX_TIMEOUTS)
+        outcomes = str(rundir.make_dir(self.folder / "outcomes"))
         executor.update_parameters(
             job_name="normlab", partition=self.partition, time=self.minutes, nodes=1, ntasks_per_node=1,
             cpus_per_task=self.cpus, gpus_per_node=self.gpus or None, signal_delay_s=SIGNAL_SECONDS,
@@ -237,40 +258,44 @@ class SlurmBackend(Backend):
         quiet = io.StringIO()
         try:
             with contextlib.redirect_stderr(quiet):  # submitit prints sbatch's errors, several lines
-                submitted = executor.map_array(TrainRun(), jobs, [self.run_opts] * len(jobs))
+                submitted = executor.map_array(TrainRun(outcomes), jobs, [self.run_opts] * len(jobs))
         except (submitit.core.utils.FailedJobError, OSError) as err:
             lines = [l for l in str(err).splitlines() if l.strip()]
             raise NormlabError(f"sbatch refused the job array ({lines[-1] if lines else err}); check "
                                f"--partition, --time, --cpus-per-run, --gpus-per-run and --sbatch") from None
-        ids = {job.run_id: task.job_id for job, task in zip(jobs, submitted)}
+        ids = {run.run_id: task.job_id for job, task in zip(jobs, submitted) for run in job}
         record = {**self._record(), **ids}
         rundir.write_json(self.folder / "jobs.json", {"runs": record})
         return ids
 
-    def train(self, jobs: list[tuple[RunJob]], display=None) -> Iterator[tuple[str, dict]]:
+    def train(self, jobs: list[Job], display=None) -> Iterator[tuple[str, dict]]:
         from ..train import STOP
 
-        jobs = [run for job in jobs for run in job]  # one run per job (arrays = False)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)
         record = self._record()
-        earlier = {record[j.run_id] for j in jobs if j.run_id in record}
-        states = queue_states({t.split("_")[0] for t in earlier})
+        runs = [run for job in jobs for run in job]
+        states = queue_states({record[r.run_id].split("_")[0] for r in runs if r.run_id in record})
         if states is None:  # never submit twice what may still be queued
             raise NormlabError("squeue cannot reach the SLURM controller; check the cluster with "
                                "`squeue`, then run the same command again")
-        live = {j.run_id: record[j.run_id] for j in jobs
-                if j.run_id in record and states.get(record[j.run_id], "ENDED") not in ENDED}
-        new = [j for j in jobs if j.run_id not in live]
+        live = {r.run_id: record[r.run_id] for r in runs
+                if r.run_id in record and states.get(record[r.run_id], "ENDED") not in ENDED}
+        # a run still queued is followed in its task; the others of its job go out again together
+        new = [rest for rest in (tuple(r for r in job if r.run_id not in live) for job in jobs) if rest]
         ids = self._submit(new) if new else {}
         arrays = sorted({t.split("_")[0] for t in [*live.values(), *ids.values()]})
+        fused = sum(len(job) for job in new if len(job) > 1)
         tqdm.write(f"SLURM job array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)} on partition "
-                   f"'{self.partition}': {len(new)} runs submitted, {len(live)} already queued "
-                   f"(follow them with: squeue -j {','.join(arrays)})")
+                   f"'{self.partition}': {sum(map(len, new))} runs submitted in {len(new)} task{'s' if len(new) != 1 else ''}"
+                   f"{f' ({fused} of them fused into run arrays)' if fused else ''}, {len(live)} already "
+                   f"queued (follow them with: squeue -j {','.join(arrays)})")
         if not self.wait:
             self.detached = True
             return
-        run_dirs = {j.run_id: Path(j.run_dir) for j in jobs}
-        tasks = {tid: Task(rid, run_dirs[rid], self._job(tid)) for rid, tid in {**live, **ids}.items()}
+        tasks: dict[str, Task] = {}
+        for run in runs:
+            tid = live.get(run.run_id) or ids[run.run_id]
+            tasks.setdefault(tid, Task({}, self._job(tid))).runs[run.run_id] = Path(run.run_dir)
         yield from self._follow(tasks, display, STOP)
 
     def _follow(self, tasks: dict[str, Task], display, stop) -> Iterator[tuple[str, dict]]:
@@ -282,23 +307,20 @@ class SlurmBackend(Backend):
                 return
             states = queue_states({tid.split("_")[0] for tid in tasks})
             for tid, task in list(tasks.items()):
-                result = self._outcome(tid, task, states)
-                if result is not None:
+                results = self._outcome(tid, task, states)
+                if results is not None:
                     del tasks[tid]
-                    yield task.run_id, result
+                    yield from results.items()
                 elif display and states and states.get(tid) == "RUNNING":
                     self._show_progress(task, display)
             if tasks:
                 stop.wait(POLL_SECONDS)
 
-    def _outcome(self, tid: str, task: Task, states: dict | None) -> dict | None:
-        """The task's result once it has ended; None while it is queued or running."""
-        if task.job.paths.result_pickle.exists():
-            outcome, value = submitit.core.utils.pickle_load(task.job.paths.result_pickle)
-            if outcome == "success":
-                return value
-            lines = [l for l in str(value).splitlines() if l.strip()]
-            return {"state": "failed", "error": lines[-1] if lines else "the task raised an error"}
+    def _outcome(self, tid: str, task: Task, states: dict | None) -> dict[str, dict] | None:
+        """Each of the task's runs' result once it has ended; None while it is queued or running."""
+        written = read_outcome(self.folder / "outcomes" / f"{tid}.json", list(task.runs))
+        if written is not None:
+            return written
         if states is None or states.get(tid, "ENDED") not in ENDED:
             task.ended_at = None
             return None
@@ -311,17 +333,61 @@ class SlurmBackend(Backend):
             raise NormlabError(f"SLURM task {tid} ended ({state}) without writing its log to "
                                f"{task.job.paths.stdout.parent}; --out must be a directory that every "
                                f"node shares and can write (the study's jobs were cancelled)")
-        status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
-        if status.get("state") in rundir.FINISHED:
-            return status
-        return {"state": "failed", "error": f"SLURM task {tid} ended ({state}) without a result; "
+        results = {}
+        for run_id, run_dir in task.runs.items():
+            status = rundir.read_status(run_dir / rundir.STATUS) or {}
+            results[run_id] = status if status.get("state") in rundir.FINISHED else {
+                "state": "failed", "error": f"SLURM task {tid} ended ({state}) without a result; "
                                             f"see {task.job.paths.stderr}"}
+        return results
 
     def _show_progress(self, task: Task, display) -> None:
         """Running tasks' progress, from their run directories (one step per epoch)."""
-        status = rundir.read_json(task.run_dir / rundir.STATUS) or {}
-        info = rundir.read_json(task.run_dir / rundir.CONFIG) or {}
-        epoch, steps = status.get("epoch"), info.get("steps_per_epoch")
-        if isinstance(epoch, int) and steps and epoch != task.epoch:
-            task.epoch = epoch
-            display.progress(task.run_id, epoch, 0, steps)
+        for run_id, run_dir in task.runs.items():
+            status = rundir.read_status(run_dir / rundir.STATUS) or {}
+            info = rundir.read_json(run_dir / rundir.CONFIG) or {}
+            epoch, steps = status.get("epoch"), info.get("steps_per_epoch")
+            if type(epoch) is int and type(steps) is int and steps > 0 and epoch != task.epochs.get(run_id):
+                task.epochs[run_id] = epoch
+                display.progress(run_id, epoch, 0, steps)
+
+
+def private_folder(folder: Path) -> None:
+    """OUT/.slurm, where submitit keeps the pickles that the nodes unpickle: a directory of this
+    user's that nobody else can write (created 0700; an existing one that others could write
+    may hold planted files, so it is refused)."""
+    rundir.make_dir(folder.parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NormlabError(f"{folder} is not a directory (a link or a file); move it away, then run the "
+                           f"same command again")
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise NormlabError(f"{folder} {'belongs to another user' if info.st_uid != os.getuid() else 'can be written by other users'}, "
+                           f"and SLURM's tasks unpickle what is in it: move it away (mv {folder} "
+                           f"{folder}.old) and run the same command again")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)  # nor read by others: the pickles hold this machine's options
+    finally:
+        os.close(fd)
+
+
+def read_outcome(path: Path, run_ids: list[str]) -> dict[str, dict] | None:
+    """The outcome a task wrote (JSON, checked): a result for each of `run_ids`, or None when
+    there is none (yet) or it does not hold them all."""
+    try:
+        written = rundir.load_json(path)
+    except (FileNotFoundError, NormlabError):
+        return None
+    results = written.get("results")
+    if not isinstance(results, dict):
+        return None
+    out = {rid: results.get(rid) for rid in run_ids}
+    for result in out.values():
+        if not isinstance(result, dict) or result.get("state") not in STATES:
+            return None
+        if not all(isinstance(v, (str, int, float, bool, type(None), dict)) for v in result.values()):
+            return None
+    return out

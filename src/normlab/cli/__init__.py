@@ -11,7 +11,7 @@ import signal
 import sys
 
 from .. import __version__
-from ..errors import NormlabError
+from ..errors import NormlabError, one_line
 from . import bench, reproduce, report, search, train
 from .options import Parser
 
@@ -27,13 +27,17 @@ def build_parser() -> Parser:
 
 
 def install_signal_handlers() -> dict:
-    """SIGINT, SIGTERM and SIGUSR1 (sent by schedulers before preemption) ask the run to
-    checkpoint at the next step and exit; a second signal stops at once. Returns the old ones."""
-    from ..train import STOP
+    """SIGINT, SIGTERM and SIGUSR1 (sent by schedulers before preemption): while runs train
+    (control.WORKING), they checkpoint at the next step and the command exits with 75, and a
+    second signal stops at once; otherwise there is nothing to save and the command ends at
+    once (control.Stopped: exit 130, 143, 138). Returns the old handlers."""
+    from ..train.control import STOP, WORKING, Stopped
 
     STOP.clear()
 
     def handler(signum, frame):
+        if not WORKING.is_set():
+            raise Stopped(signum)
         if STOP.is_set():  # second signal: stop now
             raise KeyboardInterrupt
         STOP.set()
@@ -83,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with benchmark results
-    previous = install_signal_handlers()
-    from ..train.ranks import processes
-    from ..train import EXIT_INTERRUPTED, Interrupted, RunBusy
+    from ..train.control import EXIT_INTERRUPTED, Interrupted, RunBusy, Stopped
+
+    previous = install_signal_handlers()  # first: a signal at any moment ends in one line
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with benchmark results
+        from ..train.ranks import processes
         if processes() > 1 and args.command != "train":
             raise NormlabError(f"only 'normlab train' runs under torchrun (one run on K processes); "
                                f"run 'normlab {args.command}' without torchrun")
@@ -98,13 +103,17 @@ def _main(argv: list[str] | None) -> int:
         print(f"normlab: error: {err}", file=sys.stderr)
         return 2
     except RunBusy as err:
-        print(f"normlab: error: {err} is being trained by another process; wait for it or "
+        print(f"normlab: error: {one_line(err)} is being trained by another process; wait for it or "
               f"use another --out", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"normlab: stopped; checkpoint saved in {err}; run the same command again to resume",
+        print(f"normlab: stopped; checkpoint saved in {one_line(err)}; run the same command again to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Stopped as stop:
+        print(f"\nnormlab: {signal.Signals(stop.signum).name}: stopped (nothing was training, and "
+              f"nothing is left half-written)", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)
         return 130

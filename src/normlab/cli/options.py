@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import FAST_PATHS, RunConfig, RuntimeOptions
+from ..config import FAST_PATHS, RunConfig, RuntimeOptions, brief
 from ..data import DATA_CHOICES
 from ..errors import NormlabError
 from ..norms import SPEC_HELP
@@ -235,8 +235,8 @@ def run_config(args, processes: int = 1) -> RunConfig:
 
 def runtime_options(args, probes: bool | None = False) -> RuntimeOptions:
     """The runtime options given on the command line; `probes` is the command's default."""
-    if args.threads is not None and args.threads < 1:
-        raise NormlabError(f"--threads must be positive, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise NormlabError(f"--threads must be positive, at most 4096, got {brief(args.threads)}")
     minutes = getattr(args, "checkpoint_minutes", None)
     if minutes is not None and minutes <= 0:
         raise NormlabError(f"--checkpoint-every must be a positive number of minutes, got {minutes}")

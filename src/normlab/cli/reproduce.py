@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import NormlabError
+from ..errors import NormlabError, one_line
 from ..precision import describe as describe_precision
 from ..records import safe_name
 from .options import add_backend_options, add_log_options, add_runtime_options, check_data_dir, log_options, runtime_options
@@ -55,8 +55,9 @@ def cmd_reproduce(args) -> int:
         print(describe_precision(*choose_amp(resolve_device(opts.device), opts.amp)))
     size = array_size(args.fuse, backend, opts)
     display = StudyDisplay(enabled=opts.progress)
+    from ..train.control import working
     try:
-        with backend:
+        with backend, working():  # a signal now checkpoints the runs (exit 75)
             results = run_study(study, out, opts, display=display, force=args.force, backend=backend,
                                 array_size=size)
     finally:
@@ -66,19 +67,25 @@ def cmd_reproduce(args) -> int:
               f"write the report, or `normlab report {out}` for what has finished")
         return 0
     states = [r.get("state") for r in results.values()]
-    report = build_report(out)
-    print(f"report: {report}")
-    if opts.log:  # the report's figures, where the tool takes them
+    failed = [rid for rid, r in results.items() if r.get("state") == "failed"]
+    try:
+        report = build_report(out)
+        print(f"report: {report}")
+    except NormlabError as err:
+        if not failed:
+            raise
+        report = None
+        print(f"normlab: warning: no report: {err}", file=sys.stderr)  # the failures say why
+    if opts.log and report:  # the report's figures, where the tool takes them
         from ..loggers import log_report
         log_report(opts.log, out, [report, *sorted((Path(report).parent / "figures").rglob("*.png"))])
     from ..train import EXIT_INTERRUPTED, STOP
     if "interrupted" in states or STOP.is_set():
         print("normlab: stopped; run the same command again to finish the remaining runs", file=sys.stderr)
         return EXIT_INTERRUPTED
-    failed = [rid for rid, r in results.items() if r.get("state") == "failed"]
     if failed:
         for rid in failed:
-            print(f"normlab: {rid}: failed: {results[rid].get('error')}", file=sys.stderr)
+            print(f"normlab: {rid}: failed: {one_line(results[rid].get('error'))}", file=sys.stderr)
         return 1
     return 0
 

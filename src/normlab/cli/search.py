@@ -38,7 +38,9 @@ def cmd_search_groups(args) -> int:
         return 0
     opts.log = log_options(args, args.out, "search-groups")
     from ..train import EXIT_INTERRUPTED
-    state, search = run_workers(Path(args.out), spec, opts, workers, args.force, args.quiet)
+    from ..train.control import working
+    with working():  # a signal now checkpoints the trials (exit 75)
+        state, search = run_workers(Path(args.out), spec, opts, workers, args.force, args.quiet)
     if state != "done":
         print("normlab: stopped; run the same command again to resume the search", file=sys.stderr)
         return EXIT_INTERRUPTED

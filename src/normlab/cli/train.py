@@ -5,6 +5,7 @@ import sys
 import dataclasses
 from pathlib import Path
 
+from .. import rundir
 from ..errors import NormlabError
 from ..precision import describe as describe_precision
 from .options import add_log_options, add_run_options, add_runtime_options, check_data_dir, log_options, run_config, runtime_options
@@ -45,6 +46,7 @@ def train_run(args, group) -> int:
         if group.writer:  # under torchrun only rank 0 logs
             opts.log = log_options(args, args.out, "train")
     out = Path(args.out)
+    rundir.confine(out)  # no link followed below the results directory
     run = start(group, cfgs, [out / c.run_id() for c in cfgs], opts, args.force)
     if group.writer:
         print(describe_precision(run.amp, run.amp_reason))
@@ -68,7 +70,8 @@ def train_run(args, group) -> int:
         bar.write(f"{who}epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train err {row['train_error']:5.2f}%  "
                   f"test err {row['test_error']:5.2f}%  {row['images_per_s']:.0f} img/s")
 
-    with run:
+    from ..train.control import working
+    with run, working():  # a signal now checkpoints the runs (exit 75)
         bar.n = run.epoch * run.steps
         statuses = run.run(on_progress, on_epoch if group.writer else None)
     bar.close()

@@ -10,6 +10,7 @@ from .. import rundir
 from ..errors import NormlabError
 from ..records import read_records
 from . import findings, sections, setups, tidy
+from .escape import markdown
 from .figures import pyplot
 from .runs import Warn, group_points, load_runs, warn_stderr
 from .studies import Study, studies_of
@@ -37,8 +38,8 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     (references.yaml); `flat_margin` is the band of the "flat" claim, in points. Damaged run directories and a
     damaged reference table are skipped with one warning each (through `warn`); figures that
     this report did not draw (left by an earlier one) are removed."""
-    root = Path(root)
-    out = Path(out) if out is not None else root
+    root = rundir.confine(root)  # nothing below root or out is reached through a link
+    out = rundir.confine(out) if out is not None else root
     if not root.is_dir():
         raise NormlabError(f"{root} is not a directory; pass the --out directory of a study or run")
     records = read_records(root)  # a damaged record is refused before anything is written
@@ -52,13 +53,13 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     plt = pyplot()
     figures = out / "figures"
     try:
-        figures.mkdir(parents=True, exist_ok=True)
+        rundir.make_dir(figures)
         if not os.access(out, os.W_OK) or not os.access(figures, os.W_OK):
             raise PermissionError(errno.EACCES, "Permission denied")
     except OSError as err:
         raise NormlabError(f"cannot write the report into {out} ({err.strerror}); pass --out DIR to "
                            f"write it elsewhere (the run directories are only read)") from None
-    for directory in (out, figures, *(p for p in figures.iterdir() if p.is_dir())):
+    for directory in (out, figures, *(p for p in figures.iterdir() if p.is_dir() and not p.is_symlink())):
         rundir.remove_stale_temps(directory)  # left by a report killed while writing
     studies = studies_of(root, runs, records)
     single = all(len(p.finals) < 2 for p in group_points(runs).values())
@@ -71,12 +72,12 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
         body += lines
 
     only = studies[0] if len(studies) == 1 and records else None
-    md = [f"# normlab report: {only.name if only else root.resolve().name}", ""]
+    md = [f"# normlab report: {markdown(only.name if only else root.resolve().name)}", ""]
     if only and only.description:
-        md += [only.description, ""]
+        md += [markdown(only.description, limit=2000), ""]
     if len(studies) > 1:
         md += [f"This directory holds {len(studies)} studies, each with its own section below: "
-               + "; ".join(f"`{s.name}` ({len(s.runs)} runs{', ' + s.progress() if s.progress() else ''})"
+               + "; ".join(f"{markdown(s.name)} ({len(s.runs)} runs{', ' + s.progress() if s.progress() else ''})"
                            for s in studies) + ".", ""]
     md += seeds_notice(list(group_points(runs).values())) + ["", SIGNS, ""]
     md += [f"Tidy results: `{tidy.RESULTS}` (one row per run), `{tidy.CURVES}` (one row per run and "
@@ -96,9 +97,9 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
     """One study's findings, the claims it cannot test, and its section of report.md: a part per
     setup (runs equal but for norm, batch and seed; never compared with each other's)."""
     progress = study.progress()
-    md = [f"## Study: {study.name}", ""]
+    md = [f"## Study: {markdown(study.name)}", ""]
     if study.description and several:
-        md += [study.description, ""]
+        md += [markdown(study.description, limit=2000), ""]
     if study.inferred and several:
         md += ["Runs that no study record names (trained by `normlab train`, or left by an earlier "
                "version of a study); their parts are inferred from their configs.", ""]
@@ -127,13 +128,13 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
                 untested.append(f"{name}: the study is {progress}; more claims may be tested when it completes")
         md += [f"### {setup.title}", ""]
         folder = figures / study.folder
-        folder.mkdir(exist_ok=True)
+        rundir.make_dir(folder)  # never a link
         parts = list(sections.SECTIONS) + [n for n in study.members if n not in sections.SECTIONS]
         for part in parts:
             points = points_of(part)
             if not points:
                 continue
-            title, section = sections.SECTIONS.get(part, (f"Part '{part}'", sections.generic))
+            title, section = sections.SECTIONS.get(part, (f"Part '{markdown(part)}'", sections.generic))
             ctx = sections.Context(plt, model, points, folder, mine, link=f"figures/{study.folder}",
                                    study=study.name, single=single, number=number(model_runs), written=written,
                                    setup=setup.title)
@@ -148,5 +149,5 @@ def remove_stale_figures(figures: Path, written: set) -> None:
         if png not in written:
             png.unlink(missing_ok=True)
     for folder in figures.iterdir():
-        if folder.is_dir() and not any(folder.iterdir()):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()

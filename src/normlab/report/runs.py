@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +16,14 @@ from typing import Callable
 from .. import rundir
 from ..config import RunConfig
 from ..data import SOURCES
-from ..errors import NormlabError
+from ..errors import NormlabError, one_line
 from ..stats import Summary, summarize
+from .escape import markdown
 from .labels import family, variant
 
 Warn = Callable[[str], None]
 METRIC_COLUMNS = ("epoch", "train_error", "test_error")  # what the report cannot do without
+ERROR_COLUMNS = ("train_error", "val_error", "test_error")  # percentages, drawn and summarized
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Point:
             notes.append(f"{states['failed']} of {n} failed (left out)")
         for state, count in states.items():  # running, interrupted, not started: no result yet
             if state not in ("done", "diverged", "failed"):
-                notes.append(f"{count} of {n} {state} (left out)")
+                notes.append(f"{count} of {n} {markdown(state)} (left out)")
         return "; ".join(notes)
 
     @property
@@ -127,7 +129,7 @@ class Point:
 
 def warn_stderr(message: str) -> None:
     import sys
-    print(f"normlab: warning: {message}", file=sys.stderr)
+    print(f"normlab: warning: {one_line(message)}", file=sys.stderr)
 
 
 def load_runs(root: Path, warn: Warn = warn_stderr) -> list[Run]:
@@ -150,22 +152,27 @@ class DamagedRun(Exception):
 
 def read_run(path: Path, warn: Warn) -> Run:
     try:
-        info = json.loads((path / rundir.CONFIG).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise DamagedRun(f"{rundir.CONFIG} is unreadable ({short(err)})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        info = rundir.load_json(path / rundir.CONFIG)  # bounded, regular files only, no links
+    except rundir.Unreadable as err:
+        raise DamagedRun(str(err)) from None
+    if not isinstance(info.get("config"), dict):
         raise DamagedRun(f"{rundir.CONFIG} has no 'config' mapping")
+    if not isinstance(info.get("data", {}), dict) or not isinstance(info.get("run_id", ""), str):
+        raise DamagedRun(f"{rundir.CONFIG} has a 'data' that is not a mapping or a 'run_id' that is not text")
     try:
         cfg = RunConfig.from_dict(info["config"], where=rundir.CONFIG).validate()
     except NormlabError as err:
         raise DamagedRun(str(err)) from None
     rows = read_metrics(path / rundir.METRICS)
-    status = rundir.read_json(path / rundir.STATUS)
-    if status is None and (path / rundir.STATUS).exists():
-        warn(f"{path}: {rundir.STATUS} is unreadable; the run is counted as unfinished")
-    if not isinstance(status, dict):
+    try:
+        status = rundir.load_json(path / rundir.STATUS)
+    except FileNotFoundError:
+        status = {}
+    except rundir.Unreadable as err:
+        warn(f"{err}; the run is counted as unfinished")
+        status = {}
+    if not isinstance(status.get("state", "new"), str) or len(status.get("state", "")) > 40:
+        warn(f"{path}: {rundir.STATUS} holds no valid state; the run is counted as unfinished")
         status = {}
     return Run(str(info.get("run_id", path.name)), path, cfg, info, rows, status)
 
@@ -173,7 +180,7 @@ def read_run(path: Path, warn: Warn) -> Run:
 def read_metrics(path: Path) -> list[dict]:
     """metrics.csv as rows of floats (epoch an int); [] when absent (no epoch finished yet)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(rundir.read_text(path), newline="") as f:  # bounded, regular files only
             reader = csv.DictReader(f)
             missing = [c for c in METRIC_COLUMNS if c not in (reader.fieldnames or [])]
             if reader.fieldnames and missing:
@@ -189,10 +196,14 @@ def read_metrics(path: Path) -> list[dict]:
                 parsed["epoch"] = int(parsed["epoch"]) if math.isfinite(parsed["epoch"]) else -1
                 if parsed["epoch"] < 1:
                     raise DamagedRun(f"{rundir.METRICS} line {line} has no valid epoch number")
+                if not all(0 <= parsed[c] <= 100 for c in ERROR_COLUMNS if c in parsed):  # NaN, inf too
+                    raise DamagedRun(f"{rundir.METRICS} line {line} has an error that is not a percentage")
                 rows.append(parsed)
             return rows
     except FileNotFoundError:
         return []
+    except rundir.Unreadable as err:
+        raise DamagedRun(str(err)) from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DamagedRun(f"{rundir.METRICS} is unreadable ({short(err)})") from None
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..references import Published
 from ..stats import difference, format_difference
 from . import figures, published as pub
+from .escape import figure as figure_text
 from .findings import by_norm_batch, gn_of, sweep
 from .inside import inside
 from .labels import label, sort_key, sweep_value
@@ -35,7 +36,7 @@ class Context:
     @property
     def name(self) -> str:
         """'quick, resnet8, 1 device × N': what a figure's title starts with."""
-        return ", ".join(n for n in (self.study, self.setup or self.model) if n)
+        return figure_text(", ".join(n for n in (self.study, self.setup or self.model) if n), limit=120)
 
     def figure(self, fig, name: str, alt: str) -> list[str]:
         """Save a figure and link it; a line saying why there is none yet (mid-study)."""

@@ -6,6 +6,7 @@ import collections
 from .. import rundir
 from ..config import RunConfig
 from ..stats import format_summary, half_width
+from .escape import markdown
 from .labels import label, sort_key, variant
 from .runs import Point, Run, group_points
 
@@ -103,10 +104,10 @@ SIGNS = ("Differences are written A − B in points of error, positive where A's
 
 def setup_lines(runs: list[Run]) -> list[str]:
     """The setup of one study's runs."""
-    def values(get):
-        return ", ".join(sorted({str(get(r)) for r in runs}))
+    def values(get):  # text from config.json: escaped
+        return ", ".join(sorted({markdown(get(r)) for r in runs}))
     seconds = sum(row.get("seconds", 0) for r in runs for row in r.rows)
-    semantics = {r.info.get("batch_semantics", "") for r in runs}
+    semantics = {markdown(r.info.get("batch_semantics", "")) for r in runs}
     cfgs = [r.cfg for r in runs]
     seeds = seeds_per_point(runs)
     spread = ", ".join(f"{c} point{'s' if c > 1 else ''} with {k} finished seed{'s' if k > 1 else ''}"
@@ -127,7 +128,7 @@ def setup_lines(runs: list[Run]) -> list[str]:
         + "); pad-4 random crop + horizontal flip",
         f"- device: {values(lambda r: r.info.get('device'))}; torch {values(lambda r: r.info.get('torch'))}",
         f"- seeds: {values(lambda r: r.cfg.seed)}" + (f" ({spread})" if spread else ""),
-        f"- runs: {len(runs)} ({', '.join(f'{n} {s}' for s, n in collections.Counter(r.state for r in runs).items())}); "
+        f"- runs: {len(runs)} ({', '.join(f'{n} {markdown(s)}' for s, n in collections.Counter(r.state for r in runs).items())}); "
         f"training wall time {seconds / 3600:.2f} h in total",
     ]
     return lines + final_rule(runs)
@@ -137,11 +138,11 @@ def all_runs_table(runs: list[Run]) -> str:
     rows = []
     for r in sorted(runs, key=lambda r: (sort_key(variant(r.cfg)), -r.cfg.batch_size, r.cfg.seed)):
         final = f"{r.final:.2f}" if r.final is not None else "-"
-        state = r.state + (f" (epoch {r.status.get('diverged_in_epoch')})" if r.state == "diverged" else "")
+        state = markdown(r.state) + (f" (epoch {markdown(r.status.get('diverged_in_epoch'))})" if r.state == "diverged" else "")
         if r.state not in ("done", "diverged"):
             state += f" ({len(r.rows)}/{r.cfg.epochs} epochs)"
         last = f"{r.rows[-1]['test_error']:.2f}" if r.rows else "-"
-        rows.append([r.id, label(variant(r.cfg)), r.cfg.batch_size, r.cfg.virtual_gpus, r.cfg.seed,
+        rows.append([markdown(r.id), label(variant(r.cfg)), r.cfg.batch_size, r.cfg.virtual_gpus, r.cfg.seed,
                      f"{r.cfg.lr:.4g}", len(r.rows), final, last, state])
     return table(["run", "norm", "batch", "virtual GPUs", "seed", "lr", "epochs",
                   f"test error (%), {number(runs)}", "at the last epoch", "state"], rows)

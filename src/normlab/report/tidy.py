@@ -15,6 +15,7 @@ from .. import rundir
 from ..config import RunConfig
 from ..errors import NormlabError
 from ..probes import FIELDS as PROBE_FIELDS
+from .escape import csv_cell, plain
 from .labels import family, label, sweep_value, variant
 from .probe_data import rows_of
 from .runs import Run, Warn, load_runs, warn_stderr
@@ -29,9 +30,11 @@ def value(v) -> str:
     """A CSV cell: blank for missing and non-finite numbers, milestones as '82 123'."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
+    if isinstance(v, (bool, int, float)):
+        return str(v)
     if isinstance(v, (tuple, list)):
-        return " ".join(str(x) for x in v)
-    return str(v)
+        return csv_cell(" ".join(plain(x) for x in v))
+    return csv_cell(plain(v, limit=1000))  # text from files: one line, never a formula
 
 
 def run_row(run: Run, root: Path, studies: dict[str, list[str]]) -> dict:
@@ -112,7 +115,7 @@ def load_results(path, warn: Warn = warn_stderr) -> Results:
     otherwise a list of dicts (one per row; numbers as int or float, booleans as bool, blank
     cells as None). The columns are those of results.csv, curves.csv and probes.csv (see README).
     """
-    root = Path(path)
+    root = rundir.confine(path)
     if not root.is_dir():
         raise NormlabError(f"{root} is not a directory; pass a results directory (the --out of "
                            f"normlab reproduce or train)")
@@ -120,8 +123,8 @@ def load_results(path, warn: Warn = warn_stderr) -> Results:
     if runs:
         texts = tables(root, runs, warn)
     elif (root / RESULTS).is_file() and (root / CURVES).is_file():
-        texts = tuple((root / name).read_text(encoding="utf-8") for name in (RESULTS, CURVES))
-        texts += ((root / PROBES).read_text(encoding="utf-8") if (root / PROBES).is_file() else to_csv([], PROBE_KEYS),)
+        texts = tuple(rundir.read_text(root / name) for name in (RESULTS, CURVES))
+        texts += (rundir.read_text(root / PROBES) if (root / PROBES).is_file() else to_csv([], PROBE_KEYS),)
     else:
         raise NormlabError(f"no runs in {root} (no */config.json, nor results.csv and curves.csv); "
                            f"train some with normlab train or normlab reproduce first")

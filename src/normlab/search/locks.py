@@ -5,6 +5,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from .. import rundir
+
 
 class FileLock:
     """An exclusive flock on `path`. The kernel drops it when its holder dies (kill -9 included),
@@ -18,7 +20,7 @@ class FileLock:
         self.fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = rundir.open_lock_file(self.path)  # never through a link
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..config import RuntimeOptions
+from ..errors import NormlabError
 from ..report.runs import chance_error
 from ..stats import Summary, difference, format_difference, format_summary, holm, holm_adjusted, summarize
 from .locks import FileLock
@@ -38,9 +39,9 @@ def test_reading(search: Search, norm: str, opts: RuntimeOptions) -> list[float]
 
     with FileLock(search.out / "locks" / "test.lock"):  # commands sharing the search read it once
         kept = rundir.read_json(search.out / TEST_FILE)
-        if kept and kept.get("norm") == norm:
-            return kept["test_errors"]
         cfgs = [search.spec.config(norm, s) for s in search.spec.final_seeds()]
+        if kept and kept.get("norm") == norm and valid_errors(kept.get("test_errors"), len(cfgs)):
+            return kept["test_errors"]
         done = [c for c in cfgs
                 if (rundir.read_json(search.out / RUNS / c.run_id() / rundir.STATUS) or {}).get("state") == "done"]
         errors = dict.fromkeys((c.seed for c in cfgs), chance_error(search.spec.base.data))
@@ -50,6 +51,12 @@ def test_reading(search: Search, norm: str, opts: RuntimeOptions) -> list[float]
                 errors.update(zip((c.seed for c in done), trainer.read_test()))
         rundir.write_json(search.out / TEST_FILE, {"norm": norm, "test_errors": list(errors.values())})
         return list(errors.values())
+
+
+def valid_errors(values, n: int) -> bool:
+    """A kept test reading is n percentages (anything else, damaged or planted, is read again)."""
+    return (isinstance(values, list) and len(values) == n
+            and all(type(v) in (int, float) and 0 <= v <= 100 for v in values))
 
 
 def final_values(search: Search, trials: dict) -> dict[int, float]:
@@ -133,10 +140,14 @@ def compute(search: Search) -> dict:
     run_epochs = images = per_epoch = 0
     for run in sorted((search.out / RUNS).iterdir()):
         info = rundir.read_json(run / rundir.CONFIG)
-        if not info:
+        steps, per_step = (info or {}).get("steps_per_epoch"), (info or {}).get("images_per_step")
+        if type(steps) is not int or type(per_step) is not int or not 0 < steps * per_step < 2**40:
+            continue  # not a run directory of this search
+        per_epoch = steps * per_step
+        try:
+            epochs = len(rundir.read_metrics(run / rundir.METRICS))
+        except NormlabError:
             continue
-        per_epoch = info["steps_per_epoch"] * info["images_per_step"]
-        epochs = len(rundir.read_metrics(run / rundir.METRICS))
         run_epochs += epochs
         images += epochs * per_epoch
     grid = len(spec.candidates) * (spec.seeds + 1) * spec.epochs

@@ -57,17 +57,16 @@ class Search:
 
     def __init__(self, out: Path, spec: SearchSpec):
         optuna = import_optuna()
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from .journal import CheckedJournal, CheckedStorage
 
-        self.out, self.spec, self.optuna = Path(out), spec, optuna
+        self.out, self.spec, self.optuna = rundir.confine(out), spec, optuna  # no links below OUT
         self.states = optuna.trial.TrialState
         try:
-            (self.out / "locks").mkdir(parents=True, exist_ok=True)
+            rundir.make_dir(self.out / "locks")
         except OSError as err:
             raise NormlabError(f"cannot create {self.out} ({err.strerror}); choose a writable --out") from None
-        self.storage = JournalStorage(JournalFileBackend(
-            str(self.out / JOURNAL), lock_obj=FileLock(self.out / "locks" / "journal.lock")))
+        self.storage = CheckedStorage(CheckedJournal(
+            self.out / JOURNAL, lock_obj=FileLock(self.out / "locks" / "journal.lock")))
         self.queue_lock = FileLock(self.out / "locks" / "queue.lock")
         pruner = ResumableHalvingPruner(spec.min_epochs, spec.reduction_factor)
         with self.queue_lock:
@@ -90,7 +89,24 @@ class Search:
 
     # -- the queue ------------------------------------------------------------------------------
     def trials(self, *states):
-        return self.study.get_trials(deepcopy=False, states=states or None)
+        found = self.study.get_trials(deepcopy=False, states=states or None)
+        for t in found:  # the journal is data from a shared directory: only trials we queue
+            if not self._queued(t):
+                raise NormlabError(f"{self.out / JOURNAL} holds trial {t.number}, which this search never "
+                                   f"queued; move the journal away to start the search afresh")
+        return found
+
+    def _queued(self, trial) -> bool:
+        """Could this search have made the trial (a candidate, a seed, one float value)?"""
+        norms = {c.spec for c in self.spec.candidates}
+        if not isinstance(trial.system_attrs, dict) or not isinstance(trial.params, dict):
+            return False
+        values = trial.values
+        if values is not None and (not isinstance(values, list) or len(values) != 1 or type(values[0]) is not float):
+            return False
+        return all(isinstance(p, dict) and isinstance(p.get("norm"), str) and p["norm"] in norms
+                   and type(p.get("seed")) is int and 0 <= p["seed"] < self.spec.seeds
+                   for p in (params(trial), trial.params or params(trial)))
 
     def _queue(self) -> None:
         """Queue every trial known so far that is not queued yet (call under the queue lock):
@@ -205,12 +221,7 @@ class Search:
     def log(self, record: dict) -> None:
         """One line per trial handled: who trained which epochs of which run (appends of one
         short line are atomic, so several processes can share the file)."""
-        line = json.dumps({"pid": os.getpid(), **record}) + "\n"
-        fd = os.open(self.out / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        rundir.append_line(self.out / LOG, json.dumps({"pid": os.getpid(), **record}) + "\n")
 
     def work(self, opts: RuntimeOptions, force: bool, say) -> str:
         """Take trials until none is left ('done') or a signal stops this process."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import rundir
 from ..config import RunConfig, RuntimeOptions
 from ..errors import NormlabError
 from . import ranks
@@ -56,6 +57,8 @@ def train_array(cfgs: list[RunConfig], run_dirs: list, opts: RuntimeOptions | No
     """Train (or resume, or skip if finished) the runs `cfgs`, which differ only in their seeds,
     as one array in `run_dirs`; return each run's status by run id. tolerant: a run that another
     process holds ("busy") or whose directory is refused ("failed") is left out, not an error."""
+    for run_dir in run_dirs:  # the directory the caller named: no link is followed below it
+        rundir.confine(Path(run_dir).parent)
     with start(ranks.SINGLE, cfgs, [Path(d) for d in run_dirs], opts or RuntimeOptions(), force,
                tolerant) as trainer:
         return trainer.run(on_progress, on_epoch)

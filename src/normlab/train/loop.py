@@ -14,44 +14,25 @@ import contextlib
 import dataclasses
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__, probes, rundir
+from .. import probes, rundir
 from ..config import RunConfig, RuntimeOptions
-from ..data import Dataset, Normalizer, apply_augmentation, augment, draw_augmentation, load_dataset
+from ..data import Dataset, Normalizer, apply_augmentation, draw_augmentation, load_dataset
 from ..errors import NormlabError
 from ..loggers import Loggers
-from ..norms import norm_layers, parse_norm, precise_statistics, renorm_layers
+from ..norms import norm_layers, parse_norm, renorm_layers
 from ..precision import choose_amp
 from . import fast, memory, ranks
 from .array import Network
 from .build import build_optimizer, initial_model, resolve_device, set_deterministic
-from .control import STOP, Interrupted, RunBusy
-from .state import Member, align, drop_previous, position, restore_globals, save_checkpoints
+from .control import STOP, Interrupted
+from .directories import RunFiles
+from .evaluation import Evaluation
+from .state import Member, position
 
 DIVERGENCE_CHECK_STEPS = 100
-
-
-def evaluate(network: Network, split, normalize, batch_size: int, autocast,
-             group: ranks.Single = ranks.SINGLE) -> list[tuple[float, float]]:
-    """Each run's mean loss and error (%) on a split, in eval mode (BN uses its running
-    statistics). Under torchrun each rank evaluates its share and the sums are added up."""
-    network.model.eval()
-    share = group.shard(len(split))
-    images, labels = split.images[share], split.labels[share]
-    sums = torch.zeros(network.runs, 2, dtype=torch.float64, device=split.images.device)
-    with torch.inference_mode(), autocast():
-        for start in range(0, len(labels), batch_size):
-            x = normalize(images[start:start + batch_size])
-            y = labels[start:start + batch_size]
-            for r, out in enumerate(network.split(network.model(network.repeat(x)))):
-                out = out.float()
-                sums[r, 0] += F.cross_entropy(out, y, reduction="sum").double()
-                sums[r, 1] += (out.argmax(1) != y).sum()
-    n = len(split)
-    return [(loss / n, 100.0 * wrong / n) for loss, wrong in group.sum(sums).tolist()]
 
 
 def check_array(cfgs: list[RunConfig]) -> None:
@@ -66,7 +47,7 @@ def check_array(cfgs: list[RunConfig]) -> None:
         raise NormlabError(f"an array needs distinct seeds, got {seeds}")
 
 
-class Trainer:
+class Trainer(Evaluation, RunFiles):
     """The runs `cfgs` (one, or several differing only in the seed) being trained in `run_dirs`.
     Use train() / train_array() in this package unless you need the pieces."""
 
@@ -112,6 +93,8 @@ class Trainer:
         self.epoch_seconds = 0.0
         if self.device.type == "cuda":  # a batch the GPU cannot hold is bad input: refused here
             memory.probe(self)
+        for member in self.members:  # checked against every checkpoint before it is used
+            member.expected = self.expected(member)
 
     def assemble(self, lone_models: list, optimizer_states: list[dict] | None = None) -> None:
         """The network, optimizer and per-layer handles for these runs' models."""
@@ -144,136 +127,6 @@ class Trainer:
             for layer in self.renorm:
                 layer.set_limits(*limits)
             self.renorm_limits = limits
-
-    def precise_bn_images(self) -> int:
-        """PreciseBN's number of images: --precise-bn M rounded down to whole device batches."""
-        m, n = self.cfg.precise_bn, self.cfg.batch_size
-        if m and not n <= m <= len(self.data.train):
-            raise NormlabError(f"--precise-bn {m} needs between {n} (one device batch) and "
-                               f"{len(self.data.train)} (the training set) images")
-        return m // n * n
-
-    def precise_batches(self):
-        """PreciseBN's inputs: training images chosen and augmented from each run's seed and the
-        epoch (never from the training generators), in the training step's batches."""
-        generators, orders = [], []
-        for member in self.members:
-            seed = int(np.random.SeedSequence([member.cfg.seed, self.epoch]).generate_state(1)[0])
-            generators.append(torch.Generator().manual_seed(seed))
-            orders.append(torch.randperm(len(self.data.train), generator=generators[-1])[:self.precise_images])
-        for start in range(0, self.precise_images, self.cfg.images_per_step):
-            xs = []
-            for order, generator in zip(orders, generators):
-                index = order[start:start + self.cfg.images_per_step].to(self.device)
-                xs.append(self.normalize(augment(self.data.train.images[index], generator)))
-            x = self.network.join(xs)
-            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    # -- run directories -------------------------------------------------------------------
-    def describe(self, member: Member) -> dict:
-        data = self.data
-        execution = self.dist.execution(self.cfg)
-        if self.runs > 1:
-            execution["array"] = {"runs": self.runs, "members": [m.run_id for m in self.members]}
-        return {
-            "run_id": member.run_id, "config": member.cfg.to_dict(), "lr": self.cfg.lr,
-            "images_per_step": self.cfg.images_per_step, "steps_per_epoch": self.steps,
-            "batch_semantics": ranks.batch_semantics(self.cfg, self.dist),
-            "execution": execution,
-            "norm_layers": self.layers,
-            **({"precise_bn_images": self.precise_images} if self.precise_images else {}),
-            **({"batch_renorm_ramp": dataclasses.asdict(self.cfg.renorm_ramp())} if self.renorm else {}),
-            "parameters": sum(p.numel() for p in self.network.template.parameters()),
-            "data": {"name": data.name, "location": data.location, "train": len(data.train),
-                     "val": len(data.val) if data.val is not None else 0, "test": len(data.test),
-                     "mean": data.mean, "std": data.std},
-            "device": str(self.device) if self.device.type == "cpu"
-            else f"{self.device} ({torch.cuda.get_device_name(self.device)})",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "normlab": __version__,
-            "speed_options": {"channels_last": self.channels_last, "compile": self.opts.compile,
-                              "amp": self.amp, "amp_reason": self.amp_reason,
-                              "deterministic": self.opts.deterministic, "fast_path": self.opts.fast_path},
-        }
-
-    def write_status(self, state: str, **extra) -> list[dict]:
-        return [m.write_status(state, self.epoch, **extra) for m in self.members]
-
-    def save_checkpoint(self) -> None:
-        self.dist.average_buffers(self.model)  # so that every rank resumes from the same statistics
-        if not self.dist.writer:
-            return
-        optimizer = self.optimizer.state_dict()
-        ids = [m.run_id for m in self.members]
-        states = [m.state_dict(self.network.state(r), self.network.optimizer_state(optimizer, r),
-                               self.epoch, self.step, self.epoch_seconds, ids)
-                  for r, m in enumerate(self.members)]
-        save_checkpoints(self.members, states)
-
-    def read_checkpoints(self) -> None:
-        """Ranks other than 0 do not open the run directory: they read rank 0's checkpoint."""
-        from .. import checkpoint
-
-        member = self.members[0]
-        path = member.dir / rundir.CHECKPOINT
-        if member.resume_state is None and not self.dist.writer and path.exists():
-            member.resume_state = checkpoint.load(path)
-
-    def load_checkpoints(self) -> bool:
-        """Restore what open() read and verified, if there was a checkpoint; every run of the
-        array is at the same position."""
-        states = [m.resume_state for m in self.members]
-        for m in self.members:
-            m.resume_state = None
-        if states[0] is None:
-            return False
-        self.network.load([s["model"] for s in states])
-        self.optimizer.load_state_dict(self.network.stack_optimizer_states([s["optimizer"] for s in states]))
-        self.epoch, self.step = position(states[0])
-        self.epoch_seconds = states[0]["epoch_seconds"]
-        for m, state in zip(self.members, states):
-            m.restore(state)
-        restore_globals(states[0])
-        if self.graph_step is not None:  # the loaded optimizer state is new tensors: capture again
-            self.graph_step = fast.GraphStep(self)
-        return True
-
-    def open(self, force: bool = False, tolerant: bool = False) -> None:
-        """Open (and lock) every run's directory and read its checkpoint. Runs of an array killed
-        while it wrote their checkpoints are brought back to the same step (state.align).
-        tolerant: a run that another process holds, or whose directory is refused, is left out
-        (its status says why) and the others train; else that is every run's error."""
-        opened = []
-        try:
-            for member in self.members:
-                try:
-                    member.open(force)
-                    opened.append(member)
-                except RunBusy:
-                    if not tolerant:
-                        raise
-                    self.refused[member.run_id] = {"state": "busy"}
-                except NormlabError as err:
-                    if not tolerant:
-                        raise
-                    self.refused[member.run_id] = {"state": "failed", "error": str(err)}
-        except BaseException:
-            for member in opened:
-                member.release()
-            raise
-        if len({position(m.resume_state) for m in opened}) <= 1:
-            drop_previous(opened)  # the last array checkpoint was written whole
-        else:
-            align(opened)
-
-    def release(self) -> None:
-        for member in self.members:
-            member.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
     # -- training ----------------------------------------------------------------------------
     def train_step(self, indices: list[torch.Tensor], lr: float) -> tuple[list, list]:
@@ -389,16 +242,6 @@ class Trainer:
         for member in self.members:
             member.loggers.finish(state, member.rows)
 
-    def take_probes(self) -> None:
-        """Each run's probes (probes.py) at the end of an epoch, or at initialization (epoch 0),
-        taken on its lone model; they change nothing in its training."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for r, member in enumerate(self.members):
-            model = self.model if self.runs == 1 else self.network.lone_model(r).to(self.device, memory_format=memory_format)
-            member.probe_rows += probes.take(model, self.data, self.normalize, member.cfg, epoch=self.epoch,
-                                             final=self.epoch == self.cfg.epochs, autocast=self.autocast,
-                                             channels_last=self.channels_last)
-
     def diverged(self) -> list[int]:
         """The runs whose loss became NaN or infinite (the sums are the same on every rank)."""
         return [r for r, m in enumerate(self.members) if not torch.isfinite(m.sums[0])]
@@ -424,49 +267,6 @@ class Trainer:
         else:
             self.members = []
         return statuses
-
-    def finish_epoch(self) -> list[dict]:
-        """Evaluate, then each run's metrics row (train numbers from the epoch's sums)."""
-        eval_start = time.perf_counter()
-        self.dist.average_buffers(self.model)  # per-rank BN running statistics -> their mean
-        rows = []
-        for member in self.members:
-            loss_sum, wrong, n = member.sums.tolist()
-            rows.append({"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                         "train_loss": loss_sum / n, "train_error": 100.0 * wrong / n})
-        with (precise_statistics(self.model, self.precise_batches(), self.autocast) if self.precise_images
-              else contextlib.nullcontext()):  # every rank computes the same (same images, weights)
-            if self.data.val is not None:
-                for row, (loss, error) in zip(rows, evaluate(self.network, self.data.val, self.normalize,
-                                                             self.opts.eval_batch_size, self.autocast, self.dist)):
-                    row["val_loss"], row["val_error"] = loss, error
-            for row, (loss, error) in zip(rows, self.evaluate_test()):
-                row["test_loss"], row["test_error"] = loss, error
-        seconds = self.epoch_seconds + time.perf_counter() - eval_start
-        for member, row in zip(self.members, rows):
-            row["seconds"] = seconds
-            row["images_per_s"] = member.sums[2].item() / self.epoch_seconds if self.epoch_seconds else float("nan")
-        return rows
-
-    def evaluate_test(self) -> list[tuple[float, float]]:
-        """Each run's test loss and error, or NaNs when the test set is kept for later
-        (RuntimeOptions.test_set off): evaluation changes nothing in training."""
-        if not self.opts.test_set:
-            return [(float("nan"), float("nan"))] * self.runs
-        return evaluate(self.network, self.data.test, self.normalize, self.opts.eval_batch_size,
-                        self.autocast, self.dist)
-
-    def read_test(self) -> list[float]:
-        """Each run's test error (%) with the weights of its last checkpoint, as the last epoch
-        would have measured it: the test set's one reading for finished runs trained without
-        it. Call on an opened trainer whose runs are finished."""
-        if not self.load_checkpoints() or self.step:
-            raise NormlabError(f"{self.where()} has no checkpoint at the end of an epoch to read the test set with")
-        self.epoch -= 1  # PreciseBN's images are drawn for the epoch being evaluated
-        with (precise_statistics(self.model, self.precise_batches(), self.autocast) if self.precise_images
-              else contextlib.nullcontext()):
-            return [error for _, error in evaluate(self.network, self.data.test, self.normalize,
-                                                   self.opts.eval_batch_size, self.autocast, self.dist)]
 
     def run(self, on_progress=None, on_epoch=None) -> dict[str, dict]:
         """Train every run to the last epoch from wherever its checkpoint left off; finished runs

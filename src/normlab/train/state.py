@@ -14,13 +14,14 @@ has its new one; a rerun that finds its runs at different steps takes those ahea
 from __future__ import annotations
 
 import datetime
+import os
 import random
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint, probes, rundir
-from ..config import RunConfig
+from ..config import RunConfig, brief
 from ..errors import NormlabError
 from ..loggers import Loggers
 from .control import RunBusy
@@ -29,8 +30,9 @@ PREVIOUS = "checkpoint.prev.pt"
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    keys = sorted(map(str, set(old) | set(new)))
+    return [f"{k if k.isidentifier() else brief(k)}: {brief(old.get(k))} -> {brief(new.get(k))}"
+            for k in keys if old.get(k) != new.get(k)][:10]
 
 
 def position(state: dict | None) -> tuple[int, int]:
@@ -50,33 +52,28 @@ class Member:
         self.rows: list[dict] = []
         self.probe_rows: list[dict] = []              # probes.py's rows, kept in the checkpoint
         self.resume_state: dict | None = None         # read by open(), applied by the trainer
+        self.expected: checkpoint.Expected | None = None  # what its checkpoints must hold (open())
         self.lock: rundir.RunLock | None = None
         self.loggers = Loggers(None)                   # --log: opened by the loop when it trains
 
     # -- the directory -----------------------------------------------------------------------
-    def open(self, force: bool = False) -> None:
+    def open(self, force: bool = False, expected: checkpoint.Expected | None = None) -> None:
         """Create or reopen the run directory, holding its lock, and read its checkpoint (if
-        any), verified. Refuses a directory holding another config; --force keeps it aside."""
+        any), verified against `expected` before anything is written. Refuses a directory
+        holding another config, or files that are not normlab's; --force keeps it aside."""
+        self.expected = expected or self.expected
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            rundir.make_dir(self.dir)  # a link in its place is refused: never written through
         except OSError as err:
             raise NormlabError(f"cannot create {self.dir} ({err.strerror}); choose a writable --out") from None
         lock = rundir.RunLock(self.dir)
         if not lock.acquire():
             raise RunBusy(str(self.dir))
-        rundir.remove_stale_temps(self.dir)  # left by a killed writer; we hold the lock
-        existing = rundir.read_json(self.dir / rundir.CONFIG)
-        problem = None
-        if existing and existing.get("config") != self.cfg.to_dict():
-            changes = "; ".join(config_diff(existing.get("config") or {}, self.cfg.to_dict()))
-            problem = (f"{self.dir} holds a run with a different config ({changes}); use another "
-                       f"--out, or --force to start afresh (the old run is kept aside)")
-        else:
-            try:  # read and verify the checkpoint now, before anything is written
-                path = self.dir / rundir.CHECKPOINT
-                self.resume_state = checkpoint.load(path) if path.exists() else None
-            except NormlabError as err:
-                problem = str(err)
+        try:
+            problem = self.check_directory()
+        except BaseException:
+            lock.release()
+            raise
         if problem is None:
             self.lock = lock
             return
@@ -84,8 +81,39 @@ class Member:
         if not force:
             raise NormlabError(problem)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.dir.rename(self.dir.with_name(f"{self.dir.name}.old-{stamp}"))
-        self.open()
+        rundir.rename_aside(self.dir, f"{self.dir.name}.old-{stamp}")
+        self.open(expected=expected)
+
+    def check_directory(self) -> str | None:
+        """Why the directory cannot be resumed as this run (None if it can): another config, or
+        files that are not normlab's. We hold the lock."""
+        rundir.remove_stale_temps(self.dir)  # left by a killed writer
+        fix = "use another --out, or --force to start afresh (the old run is kept aside)"
+        try:
+            existing = rundir.load_json(self.dir / rundir.CONFIG)
+        except FileNotFoundError:
+            existing = None
+        except rundir.Unreadable as err:
+            return f"{rundir.CONFIG} is not normlab's: {err}; {fix}"
+        if existing is not None and not isinstance(existing.get("config"), dict):
+            return f"{rundir.CONFIG} is not normlab's: {self.dir / rundir.CONFIG} holds no config; {fix}"
+        if existing and existing["config"] != self.cfg.to_dict():
+            changes = "; ".join(config_diff(existing["config"], self.cfg.to_dict()))
+            return f"{self.dir} holds a run with a different config ({changes}); {fix}"
+        try:  # read and verify the checkpoint now, before anything is written
+            path = self.dir / rundir.CHECKPOINT
+            self.resume_state = self.read_checkpoint(path) if os.path.lexists(path) else None
+        except NormlabError as err:
+            return str(err)
+        return None
+
+    def read_checkpoint(self, path: Path) -> dict:
+        """A checkpoint of this run, bounded by what the run can write and verified against it
+        (any checkpoint read, when the run has no expected structure: the caller verifies)."""
+        if self.expected is None:
+            return checkpoint.load(path)
+        return checkpoint.verify(path, checkpoint.load(path, self.expected.max_bytes()), self.expected,
+                                 self.run_id)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -95,10 +123,13 @@ class Member:
     def previous_state(self) -> dict | None:
         """The checkpoint that an array kept while it wrote its runs' new ones, if one is left."""
         path = self.dir / PREVIOUS
-        return checkpoint.load(path) if path.exists() else None
+        try:
+            return self.read_checkpoint(path) if os.path.lexists(path) else None
+        except NormlabError:
+            return None  # not a usable copy: the run resumes from its checkpoint
 
     def status(self) -> dict | None:
-        return rundir.read_json(self.dir / rundir.STATUS)
+        return rundir.read_status(self.dir / rundir.STATUS)
 
     def write_status(self, state: str, epoch: int, **extra) -> dict:
         status = {"state": state, "run_id": self.run_id, "epoch": epoch,
