@@ -12,12 +12,13 @@ from normlab.study import expand, parse_overrides, run_study
 
 def test_quick_preset_expansion():
     study = expand("quick")
-    assert {k: len(v) for k, v in study.membership.items()} == {"norms": 4, "batch-size": 6, "groups": 3}
-    assert len(study.runs) == 9  # runs shared between studies are trained once
+    assert {k: len(v) for k, v in study.membership.items()} == {"norms": 12, "batch-size": 12, "groups": 9}
+    assert len(study.runs) == 21  # 7 points x 3 seeds: runs shared between studies are trained once
     ids = list(study.runs)
     assert any(i.startswith("resnet8-bn-b2-s0-") for i in ids)
     assert any(i.startswith("resnet8-ln-b32-s0-") for i in ids)  # gn:1 of the groups study is LN
-    assert all(c.data == "sample" and c.model == "resnet8" for c in study.runs.values())
+    assert all(c.data == "sample" and c.model == "resnet8" and c.epochs == 4 for c in study.runs.values())
+    assert sorted({c.seed for c in study.runs.values()}) == [0, 1, 2]
 
 
 def test_paper_preset_expansion_and_seeds():
