@@ -124,7 +124,7 @@ def add_parser(sub) -> None:
                        description="Run the report's three studies (norms, batch-size, groups) as a "
                        "resumable sweep into OUT/<run-id>/ and write OUT/report.md. Running the same "
                        "command again skips finished runs and resumes unfinished ones.")
-    p.add_argument("--preset", default="quick", help="quick (the bundled sample, about 8 min on a 2-core "
+    p.add_argument("--preset", default="quick", help="quick (the bundled sample, 3 seeds, about 6 min on a 2-core "
                    "CPU), paper (ResNet-56/110 on CIFAR-10, for GPUs), zoo (every norm GN is compared "
                    "with, ResNet-56 on CIFAR-10, for GPUs), zoo-quick (the same on the bundled sample, "
                    "about 3 min on a 2-core CPU), why (probes and ablations: why a norm helps, ResNet-56 on "

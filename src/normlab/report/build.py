@@ -74,7 +74,7 @@ def build_report(root: str | Path, references: str | Path | None = None, warn: W
     only = studies[0] if len(studies) == 1 and records else None
     md = [f"# normlab report: {markdown(only.name if only else root.resolve().name)}", ""]
     if only and only.description:
-        md += [markdown(only.description, limit=2000), ""]
+        md += [markdown(only.description, limit=2000, block=True), ""]
     if len(studies) > 1:
         md += [f"This directory holds {len(studies)} studies, each with its own section below: "
                + "; ".join(f"{markdown(s.name)} ({len(s.runs)} runs{', ' + s.progress() if s.progress() else ''})"
@@ -99,7 +99,7 @@ def study_section(study: Study, published: list, plt, figures: Path, single: boo
     progress = study.progress()
     md = [f"## Study: {markdown(study.name)}", ""]
     if study.description and several:
-        md += [markdown(study.description, limit=2000), ""]
+        md += [markdown(study.description, limit=2000, block=True), ""]
     if study.inferred and several:
         md += ["Runs that no study record names (trained by `normlab train`, or left by an earlier "
                "version of a study); their parts are inferred from their configs.", ""]

@@ -27,11 +27,12 @@ def plain(value, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def markdown(value, limit: int = 200) -> str:
-    """Text for a Markdown table cell, heading or paragraph: one line, every character that
-    Markdown or HTML would read as syntax backslash-escaped, no block marker at its start."""
+def markdown(value, limit: int = 200, block: bool = False) -> str:
+    """Text for a Markdown table cell or inside a line (or, with `block`, a paragraph of its
+    own): one line, every character that Markdown or HTML would read as syntax backslash-escaped,
+    and as a paragraph no block marker at its start ('0.1' inside a line stays as it is)."""
     text = MARKDOWN.sub(r"\\\1", plain(value, limit))
-    return ORDERED.sub(r"\1\\\2", BLOCK_START.sub(r"\\\1", text))
+    return ORDERED.sub(r"\1\\\2", BLOCK_START.sub(r"\\\1", text)) if block else text
 
 
 def figure(value, limit: int = 80) -> str:
