@@ -185,3 +185,29 @@ def test_every_file_normlab_writes_gets_the_umask(cifar_fixture, tmp_path, umask
     dirs = [p for p in out.rglob("*") if p.is_dir()]
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in dirs} == {oct(0o777 & ~umask)}
 
+
+
+def test_a_trial_is_ours_while_another_command_fills_in_its_parameters(tmp_path):
+    """A journal read while another command suggests a queued trial's parameters (norm first,
+    then seed) holds the trial half filled in: still this search's; a trial with another
+    norm, a seed the search never uses, or a parameter it never sets is not."""
+    pytest.importorskip("optuna")
+    from types import SimpleNamespace
+
+    from normlab.search.candidates import parse_candidates
+    from normlab.search.plan import make_spec
+    from normlab.search.trials import Search
+    spec = make_spec(candidates=parse_candidates(None), seeds=2, min_epochs=None, reduction_factor=3,
+                     val_split=None, overrides={}, model="resnet8", batch_size=32, data="sample", epochs=2)
+    search = object.__new__(Search)
+    search.spec = spec
+    norm = spec.candidates[0].spec
+
+    def trial(params, seed=2, values=None):
+        return SimpleNamespace(system_attrs={"fixed_params": {"norm": norm, "seed": seed}}, params=params,
+                               values=values)
+    assert all(search._queued(trial(p)) for p in ({}, {"norm": norm}, {"norm": norm, "seed": 2}))
+    assert search._queued(trial({"norm": norm, "seed": 2}, values=[31.5]))
+    assert not any(search._queued(t) for t in (
+        trial({"norm": "gn:3"}), trial({"norm": norm, "seed": 1}), trial({"norm": norm, "lr": 1.0}),
+        trial({}, seed=3), trial({}, seed=-1), trial({}, values=["x"])))

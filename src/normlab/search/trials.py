@@ -104,9 +104,12 @@ class Search:
         values = trial.values
         if values is not None and (not isinstance(values, list) or len(values) != 1 or type(values[0]) is not float):
             return False
-        return all(isinstance(p, dict) and isinstance(p.get("norm"), str) and p["norm"] in norms
-                   and type(p.get("seed")) is int and 0 <= p["seed"] < self.spec.seeds
-                   for p in (params(trial), trial.params or params(trial)))
+        fixed = params(trial)
+        if not (isinstance(fixed, dict) and isinstance(fixed.get("norm"), str) and fixed["norm"] in norms
+                and type(fixed.get("seed")) is int and 0 <= fixed["seed"] <= self.spec.seeds):  # 0, then 1..S
+            return False
+        # another command may be suggesting its parameters right now: norm first, then seed
+        return all(key in ("norm", "seed") and value == fixed[key] for key, value in trial.params.items())
 
     def _queue(self) -> None:
         """Queue every trial known so far that is not queued yet (call under the queue lock):
