@@ -10,6 +10,7 @@ are not a series (fewer than three: a source's best and worst, say) are markers 
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from .. import rundir
@@ -39,7 +40,9 @@ def pyplot():
 def save(plt, fig, path: Path) -> None:
     """Write the figure to path atomically, like every file of a results directory."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    with warnings.catch_warnings():  # a name from a file in a script the font lacks: drawn as boxes
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buffer, format="png")
     plt.close(fig)
     rundir.atomic_write(path, buffer.getvalue())
 

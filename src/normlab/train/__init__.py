@@ -1,11 +1,15 @@
 """Training: one loop over an array of runs (a lone run is an array of one).
 
-    loop.py     the loop: build, step, evaluate, divergence, checkpoints, statuses
-    state.py    each run's own state and directory: lock, data order, checkpoint, status
-    array.py    R runs of one shape fused into one grouped network, and split back
-    build.py    device, each run's initial model, the optimizer
-    ranks.py    torchrun: each rank's part of a step, collectives, synchronised BN
-    control.py  the stop flag and the exceptions a stopped or busy run raises
+    loop.py         the loop: build, step, epochs, divergence, resume positions
+    evaluation.py   each run's loss and error on a split, PreciseBN, an epoch's rows, the probes
+    directories.py  the runs' directories: config.json, statuses, checkpoints written and restored
+    state.py        each run's own state: lock, data order, checkpoint, status; array alignment
+    array.py        R runs of one shape fused into one grouped network, and split back
+    build.py        device, each run's initial model, the optimizer
+    ranks.py        torchrun: each rank's part of a step, collectives, synchronised BN
+    control.py      the stop flag and the exceptions a stopped or busy run raises
+    fast.py         CUDA graphs and torch.compile for the whole step (--fast-path)
+    memory.py       the out-of-GPU-memory probe before anything is written
 
 `train(cfg, run_dir)` trains (or resumes, or skips if finished) one run; `train_array(cfgs,
 run_dirs)` trains runs that differ only in their seeds as one array.
