@@ -34,10 +34,11 @@ def auto_array_size(cfg, device: str, amp: bool) -> int:
     where fusing was measured to pay on this kind of device (README, Run arrays; benchmarks/)."""
     if device != "cpu":
         return 1  # not measured on a GPU yet: scripts/gpu-check.sh measures it
-    # benchmarks/cpu-fused.json (AMD EPYC, AVX2, fp32, 1 thread; ResNet-8 and ResNet-56, BN and
-    # GN): 2 images per step, R = 4 1.51-1.64x; 8 images, R = 3 1.09-1.15x; 32 images 0.82-1.02x
+    # benchmarks/cpu-fused*.json (AMD EPYC, AVX2, fp32, 1 thread; ResNet-8/20/56, BN and GN):
+    # 2 images per step, R = 8 1.57-1.91x; 8 images, R = 3 1.09-1.15x but R = 8 down to 0.95x;
+    # 32 images 0.77-1.04x
     if cfg.images_per_step <= 2:
-        return 4
+        return 8
     return 3 if cfg.images_per_step <= 8 else 1
 
 
