@@ -77,6 +77,34 @@ def wait_until(proc: subprocess.Popen, done, limit: float = 600.0, every: float 
         time.sleep(every)
 
 
+def kill_then_finish(command: list[str], out: Path, kills: int, max_delay: float, rng: random.Random,
+                     attempts: int = 30, after_kill=None) -> int:
+    """The tests' small soak: start `command` again and again; the first `kills` times, kill -9
+    its process group at a random moment up to `max_delay` s after it has saved new progress
+    under `out` (so that every attempt moves it on, however slow the machine), calling
+    after_kill() each time; then let it finish. Returns the kills that landed (a process that
+    ended first lands none); AssertionError when it fails or never finishes."""
+    landed = 0
+    for _ in range(attempts):
+        mark = progress_mark(out)
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if landed < kills:
+            wait_until(proc, lambda: progress_mark(out) != mark, limit=300)
+            time.sleep(rng.uniform(0.0, max_delay))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                landed += 1
+                if after_kill is not None:
+                    after_kill()
+                continue
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, proc.stderr.read().decode()
+        return landed
+    raise AssertionError(f"{' '.join(command[:5])} ... never finished in {attempts} attempts")
+
+
 def writing_report(out: Path) -> bool:
     """A file of the report (report.md, the CSVs, a figure) is being written."""
     return any(out.glob("*.tmp")) or any(out.glob("figures/*/*.tmp"))  # figures/<study>/*.png

@@ -3,10 +3,8 @@ rounding), keep their own run directories, resume alone or together, and survive
 import dataclasses
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from normlab.train import STOP, Interrupted, Trainer, train, train_array
 from normlab.train import state as run_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from soak import progress_mark, wait_until  # noqa: E402
+from soak import kill_then_finish  # noqa: E402
 
 TIMING = ("seconds", "images_per_s")
 
@@ -220,22 +218,8 @@ def test_kill_9_of_an_array_then_rerun_gives_the_uninterrupted_metrics(tmp_path)
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(seeds_command(ref, data), check=True, capture_output=True)
     rng = random.Random(int(os.environ.get("NORMLAB_FAULT_SEED", "0")))
-    kills = 0
-    for _ in range(30):
-        mark = progress_mark(out)
-        proc = subprocess.Popen([*seeds_command(out, data), "--checkpoint-every", "0.005"],
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 5:
-            wait_until(proc, lambda: progress_mark(out) != mark, limit=300)
-            time.sleep(rng.uniform(0.0, 0.3))
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                continue
-        proc.wait(timeout=600)
-        assert proc.returncode == 0, proc.stderr.read().decode()
-        break
+    kills = kill_then_finish([*seeds_command(out, data), "--checkpoint-every", "0.005"], out, kills=5,
+                             max_delay=0.3, rng=rng)
     print(f"array killed {kills} times")
     assert kills >= 3
     for run in sorted(p.name for p in ref.iterdir()):

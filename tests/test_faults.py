@@ -25,7 +25,7 @@ from normlab.report import build_report
 from conftest import write_cifar_fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from soak import progress_mark, wait_until  # noqa: E402  (the soak's, CI-sized here)
+from soak import kill_then_finish  # noqa: E402  (the soak's, CI-sized here)
 
 TIMING = ("seconds", "images_per_s")
 
@@ -62,28 +62,11 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_results(tiny_study, 
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(study_command(preset, ref, data), check=True, capture_output=True)
     rng = random.Random(int(os.environ.get("NORMLAB_FAULT_SEED", "0")))
-    kills = 0
-    for attempt in range(30):
-        # checkpoints within epochs too (every 0.3 s), so kills land mid-epoch and mid-write.
-        # Each attempt waits for new progress on disk, then kills at a random moment up to 0.4 s
-        # later: every attempt moves the study on, however slow or loaded the machine is.
-        mark = progress_mark(out)
-        proc = subprocess.Popen(study_command(preset, out, data, "--checkpoint-every", "0.005"),
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 6:
-            wait_until(proc, lambda: progress_mark(out) != mark, limit=300)
-            time.sleep(rng.uniform(0.0, 0.4))
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                build_report(out) if any(out.glob("*/config.json")) else None  # readable at any moment
-                continue
-        proc.wait(timeout=600)
-        assert proc.returncode == 0, proc.stderr.read().decode()
-        break
-    else:
-        pytest.fail("the study never finished")
+    # checkpoints within epochs too (every 0.3 s), so kills land mid-epoch and mid-write; after
+    # each kill the report must be readable
+    kills = kill_then_finish(study_command(preset, out, data, "--checkpoint-every", "0.005"), out, kills=6,
+                             max_delay=0.4, rng=rng,
+                             after_kill=lambda: build_report(out) if any(out.glob("*/config.json")) else None)
     print(f"fault injection: study finished after {kills} kill -9s")
     assert kills >= 3, f"only {kills} kills landed"
     compare_with_reference(out, ref)

@@ -18,6 +18,7 @@ from normlab import checkpoint, rundir
 from normlab.cli import main
 from normlab.config import RunConfig
 
+from bad_inputs import ALIASES, HUGE_GRID
 from test_hostile_files import CFG, cli, one_line, train_args
 from test_report import fake_run
 
@@ -178,17 +179,9 @@ def test_numbers_out_of_range_are_one_line(capsys, tmp_path, args, expect):
     assert not (tmp_path / "runs").exists()
 
 
-BOMB = "\n".join(["a: &a [bn, bn, bn, bn, bn, bn, bn, bn, bn, bn]"] +
-                 [f"{k}: &{k} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
-                  for p, k in zip("abcdefgh", "bcdefghi")] + ["studies: {s: [{norm: *i}]}"])
-GRID = "studies:\n  s:\n    - {" + ", ".join(f"{k}: [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" for k in (
-    "epochs", "batch_size", "base_batch", "step_size", "seed", "val_split", "warmup_epochs", "base_lr",
-    "momentum", "weight_decay")) + "}\n"
-
-
 @pytest.mark.parametrize("text,args,expect", [
-    (BOMB, [], "aliases (*name) are not supported"),
-    (GRID, [], "more than the 10,000 runs"),
+    (ALIASES, [], "aliases (*name) are not supported"),
+    (HUGE_GRID, [], "more than the 10,000 runs"),
     ("studies: {s: [{norm: [bn]}]}\n", ["--seeds", "100000000"], "'seeds' must be a positive whole number, at most 1,000"),
     ("base: {epochs: 1" + "0" * 5000 + "}\nstudies: {s: [{norm: [bn]}]}\n", [], "holds a value normlab cannot read"),
     ("base: {seed: 4294967295}\nstudies: {s: [{norm: [bn]}]}\n", ["--seeds", "2"], "--seed must be from 0 to"),

@@ -1,11 +1,8 @@
 """Probes in training: they change nothing, they resume exactly after kill -9, and every run
 of an array is probed on its own lone model."""
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from normlab.train import train, train_array
 from conftest import write_cifar_fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from soak import progress_mark, wait_until  # noqa: E402
+from soak import kill_then_finish  # noqa: E402
 
 TIMING = ("seconds", "images_per_s")
 
@@ -67,22 +64,8 @@ def test_kill_9_then_resume_rewrites_probes_exactly(data, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(command(data, ref), check=True, capture_output=True)
     rng = random.Random(0)
-    kills = 0
-    for _ in range(20):
-        mark = progress_mark(out)
-        proc = subprocess.Popen(command(data, out, "--checkpoint-every", "0.005"), start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 3:
-            wait_until(proc, lambda: progress_mark(out) != mark, limit=300)
-            time.sleep(rng.uniform(0.0, 0.4))
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                continue
-        proc.wait(timeout=600)
-        assert proc.returncode == 0, proc.stderr.read().decode()
-        break
+    kills = kill_then_finish(command(data, out, "--checkpoint-every", "0.005"), out, kills=3, max_delay=0.4,
+                             rng=rng, attempts=20)
     assert kills >= 2, f"only {kills} kills landed"
     (run,) = [p.name for p in ref.iterdir()]
     assert strip(rundir.read_metrics(out / run / rundir.METRICS)) == strip(rundir.read_metrics(ref / run / rundir.METRICS))
