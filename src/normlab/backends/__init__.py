@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import RuntimeOptions
 from ..errors import NormlabError
-from .base import Backend, Job, RunJob, train_job, train_one
+from .base import Backend, Job, RunJob, train_job
 
 BACKENDS = ("local", "ray", "slurm")
 # options that only some backends take, checked so that a misplaced one is not silently ignored
@@ -54,4 +54,4 @@ def _local(opts: RuntimeOptions, workers: int | None) -> Backend:
     return LocalBackend(opts, workers or 1)
 
 
-__all__ = ["BACKENDS", "Backend", "Job", "RunJob", "make_backend", "parse_sbatch", "train_job", "train_one"]
+__all__ = ["BACKENDS", "Backend", "Job", "RunJob", "make_backend", "parse_sbatch", "train_job"]

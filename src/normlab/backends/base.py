@@ -103,11 +103,6 @@ def train_job(job: Job, opts: RuntimeOptions, report: Callable | None = None) ->
         return every({"state": "failed", "error": f"{type(err).__name__}: {err}"})
 
 
-def train_one(job: RunJob, opts: RuntimeOptions, report: Callable | None = None) -> dict:
-    """Train one run where this is called (train_job of an array of one)."""
-    return train_job((job,), opts, report)[job.run_id]
-
-
 def options_for_nodes(opts: RuntimeOptions, threads: int, gpus: float) -> RuntimeOptions:
     """This machine's runtime options for runs on other machines: the same speed options, torch
     threads = the CPUs reserved per run, the data directory as an absolute path (other nodes
