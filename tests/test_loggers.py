@@ -352,3 +352,29 @@ def test_wandb_without_login_or_server_logs_offline(monkeypatch, tmp_path):
     assert no_server.stdout.split() == ["offline"], no_server.stderr
     assert no_server.stderr.count("normlab: warning: --log wandb: the W&B server does not answer") == 1
 
+
+def test_a_wandb_check_that_hangs_is_cut_off(monkeypatch, tmp_path, capsys):
+    """W&B's login, or its teardown after a failed one, can hang: the check's child process (and
+    any process it started) is killed after CHECK_S, and the runs log offline."""
+    needs("wandb")
+    from normlab.loggers import wandb as wandb_logger
+    monkeypatch.delenv("WANDB_MODE")
+    marker = tmp_path / "grandchild.pid"
+    monkeypatch.setattr(wandb_logger, "CHECK_S", 2)
+    monkeypatch.setattr(wandb_logger, "LOGIN", (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(600)"))
+    assert loggers.options(["wandb"], 10, tmp_path, "x").wandb_mode == "offline"
+    err = capsys.readouterr().err
+    assert err.count("the W&B server does not answer (no answer in 2 s)") == 1, err
+    grandchild = int(marker.read_text())
+    stat = Path(f"/proc/{grandchild}/stat")  # W&B's service would be such a grandchild
+    for _ in range(50):
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break  # gone, or dead and not yet reaped
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the check's grandchild outlived it")
+

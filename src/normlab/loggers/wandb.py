@@ -16,15 +16,34 @@ reader `wandb leet inspect`) and logs only what comes after.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from .base import Logger, describe, figure_name, numbers, warn
+from .base import Logger, figure_name, numbers, warn
 
 OFFLINE = ("offline", "dryrun", "disabled")
+CHECK_S = 30      # W&B's own login check gives up after 10 s; its teardown gets the rest
+NO_LOGIN = 3
+# The child's verdict on stdout; os._exit skips W&B's teardown, which can hang after a failure.
+LOGIN = f"""
+import os, wandb
+from wandb.errors import UsageError
+try:
+    wandb.login(verify=True, timeout=10)
+    print("online", flush=True)
+    os._exit(0)
+except UsageError:
+    os._exit({NO_LOGIN})
+except Exception as err:
+    lines = str(err).strip().splitlines()
+    print(type(err).__name__ + ": " + (lines[0] if lines else ""), flush=True)
+    os._exit(4)
+"""
 
 
 class WandbLogger(Logger):
@@ -32,21 +51,35 @@ class WandbLogger(Logger):
 
     @staticmethod
     def check(opts):
-        """Online only with a login and a server that answers; else offline for every run."""
-        import wandb
-        from wandb.errors import UsageError
+        """Online only with a login and a server that answers; else offline for every run.
+
+        W&B's login runs in a child process of its own session, killed after CHECK_S: in this
+        process a failed login can leave W&B's service busy, and the process then hangs at exit
+        (seen for minutes on a loaded machine)."""
+        importlib.import_module("wandb")  # missing library: one warning from options()
 
         if os.environ.get("WANDB_MODE") in OFFLINE:
             return opts
+        child = subprocess.Popen([sys.executable, "-c", LOGIN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         try:
-            wandb.login(verify=True, timeout=10)
+            said, _ = child.communicate(timeout=CHECK_S)
+        except subprocess.TimeoutExpired:
+            said = f"no answer in {CHECK_S} s"
+        finally:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # W&B's service too, if it stayed
+            except (ProcessLookupError, PermissionError):
+                pass
+            child.wait()
+        if child.returncode == 0 and said.strip() == "online":
             return opts
-        except UsageError:  # no login set up
+        if child.returncode == NO_LOGIN:
             return dataclasses.replace(opts, wandb_mode="offline")
-        except Exception as err:
-            warn(f"--log wandb: the W&B server does not answer ({describe('wandb', err)}); logging "
-                 f"offline in {wandb_dir(opts) / 'wandb'}, for `wandb sync` later")
-            return dataclasses.replace(opts, wandb_mode="offline")
+        reason = (said.strip().splitlines() or [f"the check ended with code {child.returncode}"])[-1][:300]
+        warn(f"--log wandb: the W&B server does not answer ({reason}); logging "
+             f"offline in {wandb_dir(opts) / 'wandb'}, for `wandb sync` later")
+        return dataclasses.replace(opts, wandb_mode="offline")
 
     def start(self, run, resume_step, rows):
         import wandb
