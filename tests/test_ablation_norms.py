@@ -236,6 +236,11 @@ def test_the_report_draws_every_ablation_apart_from_its_norm():
            "none:skipinit"]
     style = labels.styles(why)
     assert len({style[n]["color"] for n in why}) == len(why)                  # every norm its own colour
+    every = ["bn", "bn:mean-only", "bn:scale-only", "ln", "ln:mean-only", "ln:scale-only", "in:mean-only",
+             "gn:16", "gn:16:mean-only", "gn:16:scale-only", "brn+pbn", "none", "none:skipinit", "evonorm-b0+pbn"]
+    every = [n for n in every if "+pbn" not in n] + ["brn@precise-bn=512", "evonorm-b0:16@precise-bn=512"]
+    style = labels.styles(every)
+    assert len({style[n]["marker"] for n in every}) == len(every)             # and its own marker
     assert labels.sweep_value("gn:16:mean-only", "groups") is None  # not a point of the group sweep
 
 

@@ -119,10 +119,16 @@ def styles(names) -> dict[str, dict]:
     out, firsts = {}, {}
     for norm in ordered:
         firsts.setdefault(family(norm), norm)
-    for norm in firsts.values():
-        out[norm] = dict(FAMILIES.get(family(norm), OTHER))
+    markers = set()
+    for norm in firsts.values():  # families that share a marker (the ablations): the first keeps it
+        style = dict(FAMILIES.get(family(norm), OTHER))
+        if style["marker"] in markers:
+            style["marker"] = next((m for m in MARKERS if m not in markers and m not in
+                                    {FAMILIES.get(family(n), OTHER)["marker"] for n in firsts.values()}),
+                                   style["marker"])
+        markers.add(style["marker"])
+        out[norm] = style
     colors = {s["color"] for s in out.values()}
-    markers = {s["marker"] for s in out.values()}
     shades = {}
     for norm in ordered:
         if norm in out:
