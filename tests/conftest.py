@@ -99,12 +99,40 @@ def tiny_reference(tmp_path_factory):
     return preset, data, root / "local"
 
 
+TIMING = ("seconds", "images_per_s")  # metrics.csv's columns that differ between equal runs
+
+
+def strip(rows: list[dict], drop=TIMING) -> list[dict]:
+    """Metrics rows without the `drop` columns (by default the timing ones), to compare runs."""
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def stop_after_epoch(n: int):
+    """An on_epoch hook that stops training (normlab's STOP) once epoch n is finished."""
+    from normlab.train import STOP
+
+    def on_epoch(trainer, member, row):
+        if row["epoch"] == n:
+            STOP.set()
+    return on_epoch
+
+
+def interrupted(train_fn, *args, **kwargs):
+    """train_fn(*args, **kwargs), whose hook sets STOP, must stop with Interrupted; STOP is
+    cleared afterwards, whatever happened, so that the next training in the process runs."""
+    from normlab.train import STOP, Interrupted
+
+    try:
+        with pytest.raises(Interrupted):
+            train_fn(*args, **kwargs)
+    finally:
+        STOP.clear()
+
+
 def same_metrics(out: Path, reference: Path) -> None:
     """Every run of `reference` is done in `out` with the same metrics, timing columns aside."""
     from normlab import rundir
 
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
     runs = sorted(p.name for p in reference.iterdir() if (p / rundir.CONFIG).exists())
     assert runs
     for name in runs:

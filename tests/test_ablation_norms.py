@@ -9,10 +9,10 @@ from torch import nn
 from normlab import cifar_resnet
 from normlab.errors import NormlabError
 from normlab.models import BasicBlock
-from normlab.norms import (Affine2d, BatchAblation2d, GroupAblation2d, SkipInitScale, canonical_norm, family,
-                           label, make_norm, norm_layers, parse_norm, precise_statistics, set_chunk_size)
+from normlab.norms import (Affine2d, BatchAblation2d, GroupAblation2d, SkipInitScale, make_norm, norm_layers,
+                           precise_statistics, set_chunk_size)
 from normlab.norms.ablation import group_ablation_reference, mean_only_reference, scale_only_reference
-from test_zoo_norms import compare, randomize
+from test_zoo_norms import check_names, compare, randomize
 
 D = torch.float64
 SHAPES = [(4, 16, 6, 4), (3, 12, 1, 1), (2, 8, 7, 7)]
@@ -31,10 +31,7 @@ SHAPES = [(4, 16, 6, 4), (3, 12, 1, 1), (2, 8, 7, 7)]
     ("none:skipinit", "none:skipinit", "skipinit", "SkipInit (no norm)", "skipinit"),
 ])
 def test_ablation_names_tags_labels_and_families(spec, canonical, tag, text, fam):
-    assert canonical_norm(spec) == canonical
-    assert parse_norm(spec).tag() == tag
-    assert label(spec) == text and family(spec) == fam
-    assert parse_norm(canonical) == parse_norm(spec)
+    check_names(spec, canonical, tag, text, fam)
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -63,26 +60,16 @@ def ablation(spec: str, channels: int, seed: int = 0) -> nn.Module:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_mean_only_bn_is_the_formula_in_train_and_eval(shape):
-    layer = ablation("bn:mean-only", shape[1])
-    start = layer.running_mean.clone()
+@pytest.mark.parametrize("spec,buffer,reference", [("bn:mean-only", "running_mean", mean_only_reference),
+                                                   ("bn:scale-only", "running_sq_mean", scale_only_reference)])
+def test_bn_ablations_are_the_formula_in_train_and_eval(spec, buffer, reference, shape):
+    layer = ablation(spec, shape[1])
+    start = getattr(layer, buffer).clone()
     x = torch.randn(shape, dtype=D) * 2 + 0.7
-    compare(layer, lambda x: mean_only_reference(x, start, layer.weight, layer.bias)[0], x)
+    compare(layer, lambda x: reference(x, start, layer.weight, layer.bias)[0], x)
     assert isinstance(layer, BatchAblation2d) and not hasattr(layer, "running_var")
     layer.eval()
-    compare(layer, lambda x: mean_only_reference(x, layer.running_mean, layer.weight, layer.bias,
-                                                 training=False)[0], x)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_scale_only_bn_is_the_formula_in_train_and_eval(shape):
-    layer = ablation("bn:scale-only", shape[1])
-    start = layer.running_sq_mean.clone()
-    x = torch.randn(shape, dtype=D) * 2 + 0.7
-    compare(layer, lambda x: scale_only_reference(x, start, layer.weight, layer.bias)[0], x)
-    layer.eval()
-    compare(layer, lambda x: scale_only_reference(x, layer.running_sq_mean, layer.weight, layer.bias,
-                                                  training=False)[0], x)
+    compare(layer, lambda x: reference(x, getattr(layer, buffer), layer.weight, layer.bias, training=False)[0], x)
 
 
 def test_ablations_by_hand_on_one_channel():

@@ -14,17 +14,13 @@ from normlab import checkpoint, rundir
 from normlab.config import RunConfig, RuntimeOptions
 from normlab.errors import NormlabError
 from normlab.study import plan_arrays
-from normlab.train import STOP, Interrupted, Trainer, train, train_array
+from normlab.train import Trainer, train, train_array
 from normlab.train import state as run_state
+
+from conftest import interrupted, stop_after_epoch, strip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from soak import kill_then_finish  # noqa: E402
-
-TIMING = ("seconds", "images_per_s")
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def seeds(cfg, n=3):
@@ -103,13 +99,6 @@ def array_setup(cifar_fixture, device):
                                       deterministic=device.type == "cuda")
 
 
-def stop_after_epoch(n):
-    def on_epoch(trainer, member, row):
-        if row["epoch"] == n:
-            STOP.set()
-    return on_epoch
-
-
 @pytest.mark.gpu
 def test_an_array_writes_each_run_directory_and_resumes_alone_or_together(array_setup, tmp_path):
     cfgs, opts = array_setup
@@ -121,11 +110,7 @@ def test_an_array_writes_each_run_directory_and_resumes_alone_or_together(array_
 
     # stopped after epoch 1 as an array, then resumed alone: the epoch trained in the array stays
     dirs = [tmp_path / "mixed" / c.run_id() for c in cfgs]
-    try:
-        with pytest.raises(Interrupted):
-            train_array(cfgs, dirs, opts, on_epoch=stop_after_epoch(1))
-    finally:
-        STOP.clear()
+    interrupted(train_array, cfgs, dirs, opts, on_epoch=stop_after_epoch(1))
     assert rundir.read_json(dirs[1] / rundir.STATUS)["state"] == "interrupted"
     assert train(cfgs[1], dirs[1], opts)["state"] == "done"
     whole_rows = strip(rundir.read_metrics(tmp_path / "whole" / cfgs[1].run_id() / rundir.METRICS))
@@ -141,11 +126,7 @@ def test_an_array_writes_each_run_directory_and_resumes_alone_or_together(array_
     # runs trained alone and stopped at one step resume together as an array
     lone_dirs = [tmp_path / "lone" / c.run_id() for c in cfgs[:2]]
     for cfg, d in zip(cfgs[:2], lone_dirs):
-        try:
-            with pytest.raises(Interrupted):
-                train(cfg, d, opts, on_epoch=stop_after_epoch(1))
-        finally:
-            STOP.clear()
+        interrupted(train, cfg, d, opts, on_epoch=stop_after_epoch(1))
     result = train_array(cfgs[:2], lone_dirs, opts)
     assert {s["state"] for s in result.values()} == {"done"}
     assert rundir.read_json(lone_dirs[0] / rundir.CONFIG)["execution"]["array"]["runs"] == 2

@@ -5,6 +5,8 @@ import pytest
 
 from normlab.cli import main
 
+from conftest import interrupted, stop_after_epoch
+
 
 def run_cli(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:
@@ -27,19 +29,12 @@ def test_train_end_to_end_and_help(capsys, cifar_fixture, tmp_path):
 
 def test_train_says_when_it_resumes(capsys, cifar_fixture, tmp_path):
     from normlab.config import RunConfig, RuntimeOptions
-    from normlab.train import STOP, Interrupted, train
+    from normlab.train import train
 
     cfg = RunConfig(model="resnet8", norm="gn:4", batch_size=20, epochs=2, data="cifar10")
     out = tmp_path / "runs"
-
-    def stop_after_the_first_epoch(run, member, row):
-        STOP.set()
-    try:
-        with pytest.raises(Interrupted):
-            train(cfg, out / cfg.run_id(), RuntimeOptions(data_dir=str(cifar_fixture), progress=False),
-                  on_epoch=stop_after_the_first_epoch)
-    finally:
-        STOP.clear()
+    interrupted(train, cfg, out / cfg.run_id(), RuntimeOptions(data_dir=str(cifar_fixture), progress=False),
+                on_epoch=stop_after_epoch(1))
     args = ["train", "--model", "resnet8", "--norm", "gn:4", "--batch-size", "20", "--epochs", "2",
             "--data", "cifar10", "--data-dir", str(cifar_fixture), "--out", str(out), "--quiet"]
     code, stdout, _ = run_cli(capsys, *args)

@@ -20,7 +20,8 @@ from normlab.config import RunConfig
 from normlab.data import apply_augmentation, augment, draw_augmentation, load_sample
 from normlab.norms import GhostBatchNorm2d
 
-TIMING = ("seconds", "images_per_s")
+from conftest import strip
+
 TIMEOUT = 300  # seconds for any launch: a hang fails the test instead of stalling the suite
 
 
@@ -95,7 +96,7 @@ def run_dir(out: Path) -> Path:
 
 
 def metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rundir.read_metrics(run_dir(out) / rundir.METRICS)]
+    return strip(rundir.read_metrics(run_dir(out) / rundir.METRICS))
 
 
 def model_state(out: Path) -> dict:

@@ -8,11 +8,7 @@ from normlab.config import RunConfig, RuntimeOptions
 from normlab.train import train
 from normlab.errors import NormlabError
 
-TIMING = ("seconds", "images_per_s")
-
-
-def without_timing(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+from conftest import strip
 
 
 def test_lr_rule_and_schedules():
@@ -64,7 +60,7 @@ def test_same_seed_same_metrics(cifar_fixture, tmp_path, device):
     a = rundir.read_metrics(tmp_path / "a" / rundir.METRICS)
     b = rundir.read_metrics(tmp_path / "b" / rundir.METRICS)
     assert "val_error" in a[0]
-    assert without_timing(a) == without_timing(b)
+    assert strip(a) == strip(b)
 
 
 def test_rerun_of_a_finished_run_does_nothing(cifar_fixture, tmp_path):

@@ -22,16 +22,10 @@ from normlab.train import RunBusy, train
 from normlab.errors import NormlabError
 from normlab.report import build_report
 
-from conftest import write_cifar_fixture
+from conftest import strip, write_cifar_fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from soak import kill_then_finish  # noqa: E402  (the soak's, CI-sized here)
-
-TIMING = ("seconds", "images_per_s")
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def study_command(preset, out, data, *extra):

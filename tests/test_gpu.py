@@ -15,15 +15,11 @@ from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
 from normlab.errors import NormlabError
 from normlab.norms import GhostBatchNorm2d
-from normlab.train import Interrupted, STOP, Trainer, ranks, start, train
+from normlab.train import Trainer, ranks, start, train
 from normlab.train import build, fast, memory
 from normlab.train.evaluation import evaluate
 
-TIMING = ("seconds", "images_per_s")
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+from conftest import interrupted, stop_after_epoch, strip
 
 
 def relative_gap(a, b) -> float:
@@ -112,15 +108,7 @@ def test_a_graph_run_resumes_and_ends_as_an_eager_run(device, cifar_fixture, tmp
     opts = RuntimeOptions(data_dir=str(cifar_fixture), progress=False, device=str(device), amp=False)
     train(cfg, tmp_path / "eager", opts)
     graph = dataclasses.replace(opts, fast_path="graph")
-
-    def stop_after_first(trainer, member, row):
-        if row["epoch"] == 1:
-            STOP.set()
-    try:
-        with pytest.raises(Interrupted):
-            train(cfg, tmp_path / "graph", graph, on_epoch=stop_after_first)
-    finally:
-        STOP.clear()
+    interrupted(train, cfg, tmp_path / "graph", graph, on_epoch=stop_after_epoch(1))
     assert train(cfg, tmp_path / "graph", graph)["state"] == "done"
     eager_rows, graph_rows = (strip(rundir.read_metrics(tmp_path / d / rundir.METRICS)) for d in ("eager", "graph"))
     assert len(graph_rows) == 3

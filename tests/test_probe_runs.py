@@ -14,16 +14,10 @@ from normlab.probes import PROBES
 from normlab.report.probe_data import read_rows
 from normlab.train import train, train_array
 
-from conftest import write_cifar_fixture
+from conftest import strip, write_cifar_fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from soak import kill_then_finish  # noqa: E402
-
-TIMING = ("seconds", "images_per_s")
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,12 @@ import pytest
 
 from normlab import rundir
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.train import STOP, Interrupted, train
+from normlab.train import train
 from normlab.errors import NormlabError
 from normlab.report import build_report
 from normlab.study import expand, parse_overrides, run_study
+
+from conftest import interrupted, stop_after_epoch
 
 
 def test_quick_preset_expansion():
@@ -111,14 +113,7 @@ def test_rerun_skips_finished_and_resumes_unfinished(cifar_fixture, tmp_path):
     train(second[1], tmp_path / "ref", opts)
     # the first run finishes; the second stops after its first epoch
     train(first[1], out / first[0], opts)
-
-    def stop_after_first_epoch(trainer, member, row):
-        STOP.set()
-    try:
-        with pytest.raises(Interrupted):
-            train(second[1], out / second[0], opts, on_epoch=stop_after_first_epoch)
-    finally:
-        STOP.clear()
+    interrupted(train, second[1], out / second[0], opts, on_epoch=stop_after_epoch(1))
     assert rundir.read_json(out / second[0] / rundir.STATUS)["state"] == "interrupted"
     finished_bytes = (out / first[0] / rundir.METRICS).read_bytes()
     results = run_study(study, out, opts, workers=1)

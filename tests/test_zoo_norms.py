@@ -65,11 +65,16 @@ def compare(layer, reference, x, rtol=1e-10, atol=1e-10):
     ("evonorm-b0", "evonorm-b0", "evob0", "EvoNorm-B0", "evonorm-b0"),
 ])
 def test_specs_names_tags_labels_and_families(spec, canonical, tag, text, fam):
+    check_names(spec, canonical, tag, text, fam)
+    assert label("bn", precise_bn=512) == "BN + PreciseBN"
+
+
+def check_names(spec, canonical, tag, text, fam):
+    """A spec's canonical form, run-id tag, label and family; the canonical form parses alike."""
     assert canonical_norm(spec) == canonical
     assert parse_norm(spec).tag() == tag
     assert label(spec) == text and family(spec) == fam
     assert parse_norm(canonical) == parse_norm(spec)
-    assert label("bn", precise_bn=512) == "BN + PreciseBN"
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -8,16 +8,13 @@ from normlab import rundir
 from normlab.bench import bench_zoo_layers
 from normlab.cli import main
 from normlab.config import RunConfig, RuntimeOptions
-from normlab.train import STOP, Interrupted, train
+from normlab.train import STOP, train
 from normlab.errors import NormlabError
 from normlab.study import expand
 
-TIMING = ("seconds", "images_per_s")
+from conftest import TIMING, interrupted, strip
+
 NEW_SPECS = ["brn", "frn", "frn:learned-eps", "evonorm-s0:4", "evonorm-b0", "gn:4+ws", "bn+ws"]
-
-
-def strip(rows, drop=TIMING):
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 def run_cli(capsys, *args):
@@ -93,11 +90,7 @@ def test_resume_mid_ramp_is_exact(norm, precise, cifar_fixture, tmp_path):
     def stop_at_step_3(run):  # within the first epoch, while r_max and d_max are rising
         if run.epoch == 0 and run.step == 3:
             STOP.set()
-    try:
-        with pytest.raises(Interrupted):
-            train(cfg, tmp_path / "resumed", opts, on_progress=stop_at_step_3)
-    finally:
-        STOP.clear()
+    interrupted(train, cfg, tmp_path / "resumed", opts, on_progress=stop_at_step_3)
     assert train(cfg, tmp_path / "resumed", opts)["state"] == "done"
     whole, resumed = (rundir.read_metrics(tmp_path / d / rundir.METRICS) for d in ("whole", "resumed"))
     assert strip(whole) == strip(resumed) and len(whole) == 2
