@@ -30,6 +30,7 @@ OFFLINE = ("offline", "dryrun", "disabled")
 CHECK_S = 30      # W&B's own login check gives up after 10 s; its teardown gets the rest
 NO_LOGIN = 3
 # The child's verdict on stdout; os._exit skips W&B's teardown, which can hang after a failure.
+# Its error line is base.describe's, written out: importing normlab there would import torch (2 s).
 LOGIN = f"""
 import os, wandb
 from wandb.errors import UsageError

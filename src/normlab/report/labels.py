@@ -119,13 +119,12 @@ def styles(names) -> dict[str, dict]:
     out, firsts = {}, {}
     for norm in ordered:
         firsts.setdefault(family(norm), norm)
+    own = {norm: dict(FAMILIES.get(family(norm), OTHER)) for norm in firsts.values()}
+    taken = {style["marker"] for style in own.values()}
     markers = set()
-    for norm in firsts.values():  # families that share a marker (the ablations): the first keeps it
-        style = dict(FAMILIES.get(family(norm), OTHER))
+    for norm, style in own.items():  # families that share a marker (the ablations): the first keeps it
         if style["marker"] in markers:
-            style["marker"] = next((m for m in MARKERS if m not in markers and m not in
-                                    {FAMILIES.get(family(n), OTHER)["marker"] for n in firsts.values()}),
-                                   style["marker"])
+            style["marker"] = next((m for m in MARKERS if m not in markers | taken), style["marker"])
         markers.add(style["marker"])
         out[norm] = style
     colors = {s["color"] for s in out.values()}
